@@ -1,0 +1,182 @@
+//! Test support: network namespaces that clean up after themselves, and a running
+//! `twtrace trace` whose output can be collected.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    os::unix::fs::MetadataExt as _,
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+pub const TWTRACE: &str = env!("CARGO_BIN_EXE_twtrace");
+
+/// A network namespace with loopback up, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new() -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "twtrace-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        run("ip", &["netns", "add", &name]);
+        let ns = Self { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Path to pass to setns(2).
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// The namespace's inode number, as twtrace reports it in `netns`.
+    pub fn inode(&self) -> u64 {
+        std::fs::metadata(self.path()).expect("netns path").ino()
+    }
+
+    /// Runs a command inside the namespace and returns its stdout.
+    pub fn exec(&self, cmd: &[&str]) -> String {
+        let mut args = vec!["netns", "exec", &self.name];
+        args.extend_from_slice(cmd);
+        run("ip", &args)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .status();
+    }
+}
+
+pub fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A running `twtrace trace`, started and ready (its programs attached). Its output is
+/// collected by reader threads so a full pipe can never stall it.
+pub struct Tracer {
+    child: Child,
+    stdout: Option<std::thread::JoinHandle<Vec<u8>>>,
+    stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
+    stderr_start: String,
+}
+
+fn collect(mut r: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        buf
+    })
+}
+
+impl Tracer {
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(TWTRACE)
+            .arg("trace")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("failed to start twtrace");
+        let stdout = collect(child.stdout.take().unwrap());
+        // Wait for the readiness line on stderr (bounded: twtrace exits on any error).
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut seen = String::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut line = String::new();
+            let n = stderr.read_line(&mut line).unwrap_or(0);
+            seen.push_str(&line);
+            if line.starts_with("twtrace: tracing") {
+                break;
+            }
+            if n == 0 || Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("twtrace did not start: {seen}");
+            }
+        }
+        Self {
+            child,
+            stdout: Some(stdout),
+            stderr: Some(collect(stderr)),
+            stderr_start: seen,
+        }
+    }
+
+    /// Stops with `signal` and returns the exit status, stdout and the whole stderr.
+    pub fn stop_with(mut self, signal: i32) -> Output {
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("twtrace did not exit within 20 s of signal {signal}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stdout = self.stdout.take().unwrap().join().unwrap();
+        let mut stderr = std::mem::take(&mut self.stderr_start).into_bytes();
+        stderr.extend(self.stderr.take().unwrap().join().unwrap());
+        Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn stop(self) -> Output {
+        self.stop_with(libc::SIGINT)
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Parses JSON Lines output.
+pub fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// Waits for a child with a deadline, asserting success.
+pub fn wait_ok(child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{what} failed: {status}");
+            return;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} did not finish within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

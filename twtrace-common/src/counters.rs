@@ -1,0 +1,23 @@
+//! Indices of the kernel-side counters (a per-CPU array named `COUNTERS`): everything the
+//! programs could not do is counted here, so userspace can report it instead of losing it.
+
+/// Ring buffer full: an event could not be reserved and was dropped.
+pub const RINGBUF_FULL: u32 = 0;
+/// Socket table full: a socket could not be tracked, so its owner and state durations are
+/// unknown for later transitions.
+pub const SOCKET_TABLE_FULL: u32 = 1;
+/// Listener table full: accepted connections on that port cannot inherit the listener's owner.
+pub const LISTENER_TABLE_FULL: u32 = 2;
+/// A tracepoint argument could not be read (bpf_probe_read failed).
+pub const READ_FAILED: u32 = 3;
+
+/// Number of counters; the size of the `COUNTERS` map.
+pub const COUNT: u32 = 4;
+
+/// Human names, indexed like the counters above.
+pub const NAMES: [&str; COUNT as usize] = [
+    "ring buffer full (events dropped)",
+    "socket table full (owner unknown)",
+    "listener table full (accepted owner unknown)",
+    "tracepoint read failures",
+];

@@ -1,0 +1,119 @@
+//! Ring-buffer records. Every record starts with [`EventHeader`]; `kind` says which
+//! payload follows and `version` lets a newer userspace read an older layout.
+
+/// What a record is. Values are stable: they are also written to recordings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EventKind {
+    /// A TCP state transition, as the kernel made it ([`SockStateEvent`]).
+    State = 1,
+    /// A full socket handed over to a timewait socket: the kernel's FIN_WAIT2/CLOSING ->
+    /// CLOSE, reported as -> TIME_WAIT ([`SockStateEvent`] with `new_state` TIME_WAIT).
+    TimeWait = 2,
+}
+
+impl EventKind {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::State),
+            2 => Some(Self::TimeWait),
+            _ => None,
+        }
+    }
+}
+
+/// Common prefix of every record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// An [`EventKind`] value.
+    pub kind: u8,
+    /// Layout version of the payload for this kind.
+    pub version: u8,
+    pub _pad: [u8; 2],
+    /// CPU the event was produced on.
+    pub cpu: u32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 16);
+
+/// A task as the kernel names it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Task {
+    /// Process id (the kernel's tgid).
+    pub pid: u32,
+    /// Thread id (the kernel's pid).
+    pub tid: u32,
+    /// `task->comm`, NUL-padded.
+    pub comm: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<Task>() == 24);
+
+/// How the process of an event was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Attribution {
+    /// No owner known: the socket predates twtrace, or its tracking was lost.
+    Unknown = 0,
+    /// The transition ran in the owner's own context (connect, listen, close, shutdown).
+    Current = 1,
+    /// Taken from the socket table, recorded when the owner last acted on the socket.
+    Owner = 2,
+    /// An accepted connection the process has not acted on yet: the listener's owner.
+    Listener = 3,
+}
+
+impl Attribution {
+    pub const fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Current,
+            2 => Self::Owner,
+            3 => Self::Listener,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+/// Payload of [`EventKind::State`] and [`EventKind::TimeWait`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockStateEvent {
+    pub header: EventHeader,
+    /// Kernel address of the `struct sock`: identifies the socket while it lives.
+    pub skaddr: u64,
+    /// Nanoseconds spent in `old_state`; 0 when unknown (socket seen for the first time).
+    pub prev_state_ns: u64,
+    /// The owning process, per `attribution`.
+    pub task: Task,
+    /// Network namespace inode number.
+    pub netns: u32,
+    /// AF_INET or AF_INET6.
+    pub family: u16,
+    /// Host byte order.
+    pub sport: u16,
+    /// Host byte order.
+    pub dport: u16,
+    pub old_state: u8,
+    pub new_state: u8,
+    /// An [`Attribution`] value.
+    pub attribution: u8,
+    pub _pad: [u8; 3],
+    /// Network byte order; IPv4 uses the first 4 bytes.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<SockStateEvent>() == 104);
+
+impl SockStateEvent {
+    pub const VERSION: u8 = 1;
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: repr(C) structs of integers and byte arrays with explicit padding.
+    unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::Task {}
+    unsafe impl aya::Pod for super::SockStateEvent {}
+}

@@ -1,0 +1,3 @@
+//! Subcommands: thin glue over the loader, the decoder, filters and sinks.
+
+pub mod trace;

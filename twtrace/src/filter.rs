@@ -1,0 +1,158 @@
+//! Which events the user asked to see (`--pid`, `--comm`, `--port`, `--daddr`, `--state`,
+//! `-4`/`-6`, `--netns`). Each given list must match; an empty list matches everything.
+
+use std::net::IpAddr;
+
+use crate::event::{Event, Family, StateChange};
+
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub pids: Vec<u32>,
+    pub comms: Vec<String>,
+    pub ports: Vec<u16>,
+    pub daddrs: Vec<IpAddr>,
+    pub states: Vec<u8>,
+    pub family: Option<Family>,
+    pub netns: Vec<u32>,
+}
+
+fn any_or<T>(list: &[T], pred: impl FnMut(&T) -> bool) -> bool {
+    list.is_empty() || list.iter().any(pred)
+}
+
+/// Compares addresses treating an IPv4 address and its v4-mapped IPv6 form as equal.
+fn same_addr(a: IpAddr, b: IpAddr) -> bool {
+    a.to_canonical() == b.to_canonical()
+}
+
+impl Filter {
+    pub fn matches(&self, event: &Event) -> bool {
+        match event {
+            Event::State(s) => self.matches_state(s),
+        }
+    }
+
+    fn matches_state(&self, s: &StateChange) -> bool {
+        let pid = s.owner.map(|o| o.pid);
+        let comm = s.owner.as_ref().map(|o| o.comm());
+        self.family.is_none_or(|f| f == s.family)
+            && any_or(&self.netns, |&n| n == s.netns)
+            && any_or(&self.pids, |&p| pid == Some(p))
+            && any_or(&self.comms, |c| comm.as_deref() == Some(c.as_str()))
+            && any_or(&self.ports, |&p| p == s.sport || p == s.dport)
+            && any_or(&self.daddrs, |&a| same_addr(a, s.daddr))
+            && any_or(&self.states, |&st| st == s.new_state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use twtrace_common::{EventKind, tcp, tcp::AF_INET};
+
+    use super::*;
+    use crate::event::{
+        decode,
+        tests::{bytes_of, raw_state},
+    };
+
+    fn time_wait_event() -> Event {
+        decode(bytes_of(&raw_state(EventKind::TimeWait, AF_INET))).unwrap()
+    }
+
+    #[test]
+    fn empty_filter_matches_all() {
+        assert!(Filter::default().matches(&time_wait_event()));
+    }
+
+    #[test]
+    fn each_criterion_filters() {
+        let ev = time_wait_event();
+        let yes = |f: Filter| assert!(f.matches(&ev), "{f:?} should match");
+        let no = |f: Filter| assert!(!f.matches(&ev), "{f:?} should not match");
+        yes(Filter {
+            pids: vec![1, 1234],
+            ..Default::default()
+        });
+        no(Filter {
+            pids: vec![1],
+            ..Default::default()
+        });
+        yes(Filter {
+            comms: vec!["curl".into()],
+            ..Default::default()
+        });
+        no(Filter {
+            comms: vec!["cur".into()],
+            ..Default::default()
+        });
+        yes(Filter {
+            ports: vec![40000],
+            ..Default::default()
+        });
+        yes(Filter {
+            ports: vec![8080],
+            ..Default::default()
+        });
+        no(Filter {
+            ports: vec![80],
+            ..Default::default()
+        });
+        yes(Filter {
+            daddrs: vec!["10.1.2.3".parse().unwrap()],
+            ..Default::default()
+        });
+        yes(Filter {
+            daddrs: vec!["::ffff:10.1.2.3".parse().unwrap()],
+            ..Default::default()
+        });
+        no(Filter {
+            daddrs: vec!["127.0.0.1".parse().unwrap()],
+            ..Default::default()
+        });
+        yes(Filter {
+            states: vec![tcp::TCP_TIME_WAIT],
+            ..Default::default()
+        });
+        no(Filter {
+            states: vec![tcp::TCP_CLOSE],
+            ..Default::default()
+        });
+        yes(Filter {
+            family: Some(Family::Ipv4),
+            ..Default::default()
+        });
+        no(Filter {
+            family: Some(Family::Ipv6),
+            ..Default::default()
+        });
+        yes(Filter {
+            netns: vec![4026531840],
+            ..Default::default()
+        });
+        no(Filter {
+            netns: vec![1],
+            ..Default::default()
+        });
+    }
+
+    #[test]
+    fn unknown_owner_never_matches_a_pid_or_comm() {
+        let Event::State(mut s) = time_wait_event();
+        s.owner = None;
+        let ev = Event::State(s);
+        assert!(
+            !Filter {
+                pids: vec![1234],
+                ..Default::default()
+            }
+            .matches(&ev)
+        );
+        assert!(
+            !Filter {
+                comms: vec!["curl".into()],
+                ..Default::default()
+            }
+            .matches(&ev)
+        );
+    }
+}

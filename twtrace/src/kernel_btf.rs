@@ -1,0 +1,106 @@
+//! Offsets of the kernel structure fields the programs read, from the running kernel's BTF.
+//!
+//! Rust eBPF programs get no CO-RE relocations, so userspace resolves each field path here
+//! and hands the offsets to the programs as read-only globals.
+
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use btf_rs::{Btf, Type};
+use twtrace_common::config::KernelLayout;
+
+/// Where the kernel publishes its own BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Loads BTF from `path` (the kernel's by default).
+pub fn load(path: Option<&Path>) -> anyhow::Result<Btf> {
+    let path = path.unwrap_or(Path::new(VMLINUX_BTF));
+    if !path.exists() {
+        bail!(
+            "this kernel exposes no BTF ({} is missing): twtrace needs a kernel built with \
+             CONFIG_DEBUG_INFO_BTF=y (the default on Debian 11+, Ubuntu 20.10+, RHEL 8.2+), \
+             or a BTF file for it passed with --btf",
+            path.display()
+        );
+    }
+    Btf::from_file(path).with_context(|| format!("failed to parse BTF from {}", path.display()))
+}
+
+/// The offsets [`KernelLayout`] needs.
+pub fn kernel_layout(btf: &Btf) -> anyhow::Result<KernelLayout> {
+    Ok(KernelLayout {
+        sock_net: offset_of(btf, "sock", &["__sk_common", "skc_net"])?,
+        net_ns_inum: offset_of(btf, "net", &["ns", "inum"])?,
+    })
+}
+
+/// Byte offset of the member reached by `path` from `struct name`. Anonymous struct and
+/// union members are searched through, as C's member access does.
+pub fn offset_of(btf: &Btf, name: &str, path: &[&str]) -> anyhow::Result<u32> {
+    let what = || format!("struct {name}.{}", path.join("."));
+    let root = btf
+        .resolve_types_by_name(name)
+        .with_context(|| format!("BTF has no type `{name}`"))?
+        .into_iter()
+        .find(|t| matches!(t, Type::Struct(_)))
+        .with_context(|| format!("BTF has no struct `{name}`"))?;
+    let mut ty = root;
+    let mut bits = 0u32;
+    for member_name in path {
+        let (offset, next) = find_member(btf, &ty, member_name, 0)
+            .with_context(what)?
+            .with_context(|| format!("{} has no member `{member_name}`", what()))?;
+        bits += offset;
+        ty = next;
+    }
+    if !bits.is_multiple_of(8) {
+        bail!("{} is a bit field", what());
+    }
+    Ok(bits / 8)
+}
+
+/// Finds `wanted` among the members of `ty` (descending into anonymous members), returning
+/// its bit offset relative to `ty` and its type with typedefs and qualifiers removed.
+fn find_member(
+    btf: &Btf,
+    ty: &Type,
+    wanted: &str,
+    depth: u8,
+) -> anyhow::Result<Option<(u32, Type)>> {
+    let members = match ty {
+        Type::Struct(s) | Type::Union(s) => &s.members,
+        _ => bail!("not a struct or union"),
+    };
+    if depth > 8 {
+        return Ok(None);
+    }
+    for member in members {
+        let name = btf.resolve_name(member).unwrap_or_default();
+        let member_ty = strip(btf, btf.resolve_chained_type(member)?)?;
+        if name == wanted {
+            return Ok(Some((member.bit_offset(), member_ty)));
+        }
+        if name.is_empty()
+            && matches!(member_ty, Type::Struct(_) | Type::Union(_))
+            && let Some((inner, found)) = find_member(btf, &member_ty, wanted, depth + 1)?
+        {
+            return Ok(Some((member.bit_offset() + inner, found)));
+        }
+    }
+    Ok(None)
+}
+
+/// Follows typedefs and qualifiers to the underlying type.
+fn strip(btf: &Btf, mut ty: Type) -> anyhow::Result<Type> {
+    for _ in 0..16 {
+        match &ty {
+            Type::Typedef(t) => ty = btf.resolve_chained_type(t)?,
+            Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => {
+                ty = btf.resolve_chained_type(t)?
+            }
+            Type::TypeTag(t) => ty = btf.resolve_chained_type(t)?,
+            _ => return Ok(ty),
+        }
+    }
+    bail!("type chain too long")
+}

@@ -1,0 +1,15 @@
+//! twtrace: live-trace TCP TIME_WAIT and failed connects with the true owning process.
+//!
+//! Data flows one way: kernel hook -> ring buffer -> [`event::decode`] -> [`filter`] ->
+//! [`output`] sinks. [`loader`] decides and attaches the hooks this kernel allows.
+
+pub mod cli;
+pub mod clock;
+pub mod cmd;
+pub mod event;
+pub mod filter;
+pub mod kernel_btf;
+pub mod loader;
+pub mod output;
+pub mod privileges;
+pub mod tracefs;

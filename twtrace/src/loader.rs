@@ -1,0 +1,190 @@
+//! Loads the eBPF programs with this kernel's layouts, attaches them, and hands out the
+//! ring buffer and counters. Which hooks are used is decided here and reported to the user.
+
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use twtrace_common::{
+    config::{ResetLayout, SockStateLayout},
+    counters,
+};
+
+use crate::{kernel_btf, tracefs};
+
+/// The compiled eBPF object, cross-built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twtrace"));
+
+/// What the user can tune about the kernel side.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Ring buffer size in bytes (a power of two, at least one page).
+    pub ring_buffer_bytes: u32,
+    /// Capacity of the socket table.
+    pub max_sockets: u32,
+    /// BTF to read kernel layouts from, instead of the kernel's own.
+    pub btf: Option<std::path::PathBuf>,
+    /// Most verbose kernel-side log level to emit (aya-log; 0 = off).
+    pub kernel_log_level: u8,
+}
+
+/// A loaded and attached set of programs.
+pub struct Tracer {
+    ebpf: Ebpf,
+    /// Human descriptions of the active hooks, e.g. `sock:inet_sock_set_state (tracepoint)`.
+    pub hooks: Vec<String>,
+}
+
+impl Tracer {
+    /// Checks the kernel, loads and attaches everything.
+    pub fn start(opts: &Options) -> anyhow::Result<Self> {
+        let tracefs = tracefs::ensure_mounted()?;
+        let btf = kernel_btf::load(opts.btf.as_deref())?;
+        let kernel_layout = kernel_btf::kernel_layout(&btf)
+            .context("failed to find socket and network-namespace fields in the kernel's BTF")?;
+        let state_layout = sock_state_layout(&tracefs)?;
+        let reset_layout = reset_layout(&tracefs)?;
+        raise_memlock_limit();
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("SOCK_STATE_LAYOUT", &state_layout, true)
+            .override_global("RESET_LAYOUT", &reset_layout, true)
+            .override_global("KERNEL_LAYOUT", &kernel_layout, true)
+            .override_global("AYA_LOG_LEVEL", &opts.kernel_log_level, false)
+            .map_max_entries("EVENTS", opts.ring_buffer_bytes)
+            .map_max_entries("SOCKETS", opts.max_sockets)
+            .load(EBPF_OBJECT)
+            .context("failed to load the eBPF programs into the kernel")?;
+
+        let mut hooks = Vec::new();
+        attach_tracepoint(
+            &mut ebpf,
+            "inet_sock_set_state",
+            "sock",
+            "inet_sock_set_state",
+        )?;
+        hooks.push("sock:inet_sock_set_state (tracepoint)".to_owned());
+        if reset_layout.present != 0 {
+            attach_tracepoint(&mut ebpf, "tcp_receive_reset", "tcp", "tcp_receive_reset")?;
+            hooks.push("tcp:tcp_receive_reset (tracepoint)".to_owned());
+        } else {
+            log::warn!(
+                "tcp:tcp_receive_reset is missing on this kernel: a reset in FIN_WAIT2 may be \
+                 reported as an entry into TIME_WAIT"
+            );
+        }
+        Ok(Self { ebpf, hooks })
+    }
+
+    /// The event ring buffer (can be taken once).
+    pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .context("the EVENTS map was already taken")?;
+        RingBuf::try_from(map).context("EVENTS is not a ring buffer")
+    }
+
+    /// Kernel-side diagnostics (aya-log), to be forwarded to the `log` crate.
+    pub fn take_kernel_log(
+        &mut self,
+    ) -> anyhow::Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).context("failed to set up the kernel log")
+    }
+
+    /// Reads the kernel-side counters (see `twtrace_common::counters`), summed over CPUs.
+    pub fn counters(&self) -> anyhow::Result<[u64; counters::COUNT as usize]> {
+        let map = self
+            .ebpf
+            .map("COUNTERS")
+            .context("the COUNTERS map is missing")?;
+        let array =
+            PerCpuArray::<_, u64>::try_from(map).context("COUNTERS is not a per-CPU array")?;
+        let mut out = [0u64; counters::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let values = array
+                .get(&(i as u32), 0)
+                .with_context(|| format!("failed to read counter {i}"))?;
+            *slot = values.iter().sum();
+        }
+        Ok(out)
+    }
+}
+
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    program: &str,
+    category: &str,
+    name: &str,
+) -> anyhow::Result<()> {
+    let prog: &mut TracePoint = ebpf
+        .program_mut(program)
+        .with_context(|| format!("program {program} is missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("program {program} is not a tracepoint program"))?;
+    prog.load()
+        .with_context(|| format!("the kernel rejected the {program} program"))?;
+    prog.attach(category, name)
+        .with_context(|| format!("failed to attach to tracepoint {category}:{name}"))?;
+    Ok(())
+}
+
+/// Reads the `sock:inet_sock_set_state` record layout from this kernel.
+fn sock_state_layout(tracefs: &Path) -> anyhow::Result<SockStateLayout> {
+    let Some(format) = tracefs::Format::read(tracefs, "sock", "inet_sock_set_state")? else {
+        bail!(
+            "this kernel has no sock:inet_sock_set_state tracepoint (added in Linux 4.16); \
+             twtrace cannot trace TCP state changes here"
+        );
+    };
+    let read = || -> anyhow::Result<SockStateLayout> {
+        let protocol = format.field("protocol", &[1, 2])?;
+        Ok(SockStateLayout {
+            skaddr: format.field("skaddr", &[8])?.offset,
+            oldstate: format.field("oldstate", &[4])?.offset,
+            newstate: format.field("newstate", &[4])?.offset,
+            sport: format.field("sport", &[2])?.offset,
+            dport: format.field("dport", &[2])?.offset,
+            family: format.field("family", &[2])?.offset,
+            protocol: protocol.offset,
+            protocol_size: protocol.size,
+            saddr: format.field("saddr", &[4])?.offset,
+            daddr: format.field("daddr", &[4])?.offset,
+            saddr_v6: format.field("saddr_v6", &[16])?.offset,
+            daddr_v6: format.field("daddr_v6", &[16])?.offset,
+        })
+    };
+    read().context("unsupported sock:inet_sock_set_state layout on this kernel")
+}
+
+fn reset_layout(tracefs: &Path) -> anyhow::Result<ResetLayout> {
+    let Some(format) = tracefs::Format::read(tracefs, "tcp", "tcp_receive_reset")? else {
+        return Ok(ResetLayout::default());
+    };
+    Ok(ResetLayout {
+        skaddr: format
+            .field("skaddr", &[8])
+            .context("unsupported tcp:tcp_receive_reset layout")?
+            .offset,
+        present: 1,
+    })
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it where allowed.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid pointer to an initialised rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        log::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}

@@ -1,0 +1,115 @@
+//! JSON Lines: one object per event, the schema documented in README.md.
+
+use std::io::Write;
+
+use serde::Serialize;
+
+use super::EventSink;
+use crate::{
+    clock::Clock,
+    event::{Event, StateChange, attribution_name},
+};
+
+pub struct JsonLines<W: Write> {
+    out: W,
+}
+
+impl<W: Write> JsonLines<W> {
+    pub fn new(out: W) -> Self {
+        Self { out }
+    }
+}
+
+/// The JSON shape of a `state` / `time_wait` event. Field names are a public interface.
+#[derive(Serialize)]
+pub struct StateJson<'a> {
+    kind: &'static str,
+    ts: String,
+    pid: Option<u32>,
+    tid: Option<u32>,
+    comm: Option<std::borrow::Cow<'a, str>>,
+    attribution: &'static str,
+    family: &'static str,
+    saddr: std::net::IpAddr,
+    sport: u16,
+    daddr: std::net::IpAddr,
+    dport: u16,
+    old_state: &'static str,
+    new_state: &'static str,
+    prev_state_ns: Option<u64>,
+    netns: u32,
+    skaddr: String,
+    cpu: u32,
+}
+
+impl<'a> StateJson<'a> {
+    pub fn new(s: &'a StateChange, clock: &Clock) -> Self {
+        Self {
+            kind: s.kind_name(),
+            ts: clock.wall(s.ts_ns).to_string(),
+            pid: s.owner.as_ref().map(|o| o.pid),
+            tid: s.owner.as_ref().map(|o| o.tid),
+            comm: s.owner.as_ref().map(|o| o.comm()),
+            attribution: attribution_name(s.attribution),
+            family: s.family.name(),
+            saddr: s.saddr,
+            sport: s.sport,
+            daddr: s.daddr,
+            dport: s.dport,
+            old_state: s.old_state_name(),
+            new_state: s.new_state_name(),
+            prev_state_ns: s.prev_state_ns,
+            netns: s.netns,
+            skaddr: format!("{:#x}", s.skaddr),
+            cpu: s.cpu,
+        }
+    }
+}
+
+impl<W: Write> EventSink for JsonLines<W> {
+    fn write_event(&mut self, event: &Event, clock: &Clock) -> std::io::Result<()> {
+        let Event::State(s) = event;
+        serde_json::to_writer(&mut self.out, &StateJson::new(s, clock))?;
+        self.out.write_all(b"\n")
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use twtrace_common::{EventKind, tcp::AF_INET};
+
+    use super::*;
+    use crate::event::{
+        decode,
+        tests::{bytes_of, raw_state},
+    };
+
+    #[test]
+    fn time_wait_json_has_the_documented_fields() {
+        let ev = decode(bytes_of(&raw_state(EventKind::TimeWait, AF_INET))).unwrap();
+        let mut out = Vec::new();
+        let mut sink = JsonLines::new(&mut out);
+        sink.write_event(&ev, &Clock::from_offset(1_700_000_000_000_000_000))
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["kind"], "time_wait");
+        assert_eq!(v["ts"], "2023-11-14T22:13:20.000000042Z");
+        assert_eq!(v["pid"], 1234);
+        assert_eq!(v["comm"], "curl");
+        assert_eq!(v["family"], "ipv4");
+        assert_eq!(v["saddr"], "127.0.0.1");
+        assert_eq!(v["sport"], 40000);
+        assert_eq!(v["daddr"], "10.1.2.3");
+        assert_eq!(v["dport"], 8080);
+        assert_eq!(v["old_state"], "FIN_WAIT2");
+        assert_eq!(v["new_state"], "TIME_WAIT");
+        assert_eq!(v["netns"], 4026531840u32);
+        assert_eq!(v["attribution"], "owner");
+        assert_eq!(v["prev_state_ns"], 1_500_000);
+        assert!(out.ends_with(b"}\n"));
+    }
+}

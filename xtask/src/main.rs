@@ -1,0 +1,191 @@
+//! twtrace's developer tasks (`cargo xtask …`, usually through `./x`): install the eBPF
+//! toolchain, build, run the tracer, run the tests.
+
+mod setup;
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+/// The dated nightly that compiles the eBPF crate. Keep in sync with `x` and
+/// twtrace/build.rs (a unit test below checks).
+pub const NIGHTLY: &str = "nightly-2026-10-29";
+/// bpf-linker release built against that nightly's LLVM.
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "twtrace developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks (idempotent): bpf-linker for the pinned nightly,
+    /// Debian packages the tests use, tracefs.
+    Setup,
+    /// Set up, build twtrace (release) and run `twtrace trace ARGS…` as root.
+    Trace {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Set up, then run every test: unit tests and the root integration tests.
+    Test {
+        /// Extra arguments for the test harnesses (e.g. a name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Formatting and clippy checks.
+    Lint,
+    /// Set up and build twtrace (release).
+    Build,
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let root = workspace_root();
+    match cli.task {
+        Task::Setup => {
+            setup::run(&root)?;
+        }
+        Task::Build => {
+            let env = setup::run(&root)?;
+            cargo(&root, &env, &["build", "--release", "--package", "twtrace"])?;
+        }
+        Task::Trace { args } => {
+            let env = setup::run(&root)?;
+            cargo(&root, &env, &["build", "--release", "--package", "twtrace"])?;
+            let bin = root.join("target/release/twtrace");
+            let mut cmd = as_root(&bin)?;
+            cmd.arg("trace").args(args);
+            let status = cmd
+                .status()
+                .with_context(|| format!("failed to run {}", bin.display()))?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Task::Test { args } => {
+            let env = setup::run(&root)?;
+            if !setup::is_root() {
+                bail!(
+                    "the integration tests load eBPF programs and create network namespaces: run `sudo ./x test`"
+                );
+            }
+            let mut test_args: Vec<OsString> = vec!["test".into()];
+            if !args.is_empty() {
+                test_args.push("--".into());
+                test_args.extend(args);
+            }
+            cargo(&root, &env, &test_args)?;
+        }
+        Task::Lint => {
+            let env = setup::run(&root)?;
+            cargo(&root, &env, &["fmt", "--all", "--", "--check"])?;
+            cargo(
+                &root,
+                &env,
+                &["clippy", "--all-targets", "--", "-D", "warnings"],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs cargo in the workspace with the environment from setup (bpf-linker on PATH).
+fn cargo<S: AsRef<std::ffi::OsStr>>(
+    root: &Path,
+    env: &setup::Env,
+    args: &[S],
+) -> anyhow::Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root).args(args).env("PATH", &env.path);
+    let status = cmd.status().context("failed to run cargo")?;
+    if !status.success() {
+        bail!(
+            "`cargo {}` failed ({status})",
+            args.iter()
+                .map(|a| a.as_ref().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// A command running `bin` as root: directly when we are root, else through sudo.
+fn as_root(bin: &Path) -> anyhow::Result<Command> {
+    if setup::is_root() {
+        return Ok(Command::new(bin));
+    }
+    if Command::new("sudo")
+        .arg("-n")
+        .arg("true")
+        .status()
+        .is_ok_and(|s| s.success())
+        || which("sudo")
+    {
+        let mut cmd = Command::new("sudo");
+        cmd.arg("--").arg(bin);
+        return Ok(cmd);
+    }
+    bail!("twtrace needs root: run this again as root (sudo is not available)")
+}
+
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The nightly is named in three places that cannot share a constant.
+    #[test]
+    fn nightly_pins_agree() {
+        let root = workspace_root();
+        for file in ["x", "twtrace/build.rs"] {
+            let text = std::fs::read_to_string(root.join(file)).unwrap();
+            assert!(text.contains(NIGHTLY), "{file} does not pin {NIGHTLY}");
+        }
+        let stable = std::fs::read_to_string(root.join("rust-toolchain.toml")).unwrap();
+        let x = std::fs::read_to_string(root.join("x")).unwrap();
+        let channel = stable
+            .lines()
+            .find_map(|l| l.strip_prefix("channel = "))
+            .unwrap()
+            .trim_matches('"');
+        assert!(
+            x.contains(&format!("STABLE={channel}")),
+            "x does not pin stable {channel}"
+        );
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+    }
+}

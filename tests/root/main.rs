@@ -6,6 +6,7 @@
 //! tests, so every event has a known pid and comm to check against.
 
 mod cli;
+mod connect;
 mod scenario;
 mod support;
 mod trace;
@@ -22,6 +23,7 @@ fn main() -> std::process::ExitCode {
     let mut trials: Vec<Trial> = Vec::new();
     trials.extend(cli::trials());
     trials.extend(trace::trials());
+    trials.extend(connect::trials());
     libtest_mimic::run(&args, trials).exit_code()
 }
 

@@ -46,11 +46,36 @@ pub fn spawn_server(netns: &str, addr: SocketAddr, count: usize, closer: Closer)
     (child, port)
 }
 
-/// Runs the client role to completion: `count` sequential connections to `addr`.
-pub fn spawn_client(netns: &str, addr: SocketAddr, count: usize, closer: Closer) -> Child {
+/// Starts the client role: `count` sequential connections to `addr`. With `tolerate`,
+/// failed connects are counted instead of fatal, and the client prints
+/// `connected N failed M errno E` when done.
+pub fn spawn_client(
+    netns: &str,
+    addr: SocketAddr,
+    count: usize,
+    closer: Closer,
+    tolerate: bool,
+) -> Child {
     role_command("client", netns, addr, count, closer)
+        .env("TWTRACE_TEST_TOLERATE", if tolerate { "1" } else { "0" })
+        .stdout(Stdio::piped())
         .spawn()
         .expect("failed to start the client process")
+}
+
+/// Starts a one-shot role (`refuse`, `bind`, `unreachable`, `nonblocking`) that prints
+/// one result line.
+pub fn spawn_role(role: &str, netns: &str, addr: SocketAddr, count: usize) -> Child {
+    role_command(role, netns, addr, count, Closer::Client)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("failed to start the {role} process: {e}"))
+}
+
+/// Starts the server role in "until idle" mode: serves any number of connections and
+/// exits after a second without one.
+pub fn spawn_server_until_idle(netns: &str, addr: SocketAddr, closer: Closer) -> (Child, u16) {
+    spawn_server(netns, addr, usize::MAX, closer)
 }
 
 fn role_command(
@@ -88,7 +113,30 @@ pub fn run_role_if_requested() -> Option<ExitCode> {
         }
         "client" => {
             set_comm(CLIENT_COMM);
-            client(addr, count, closer);
+            client(
+                addr,
+                count,
+                closer,
+                std::env::var("TWTRACE_TEST_TOLERATE").as_deref() == Ok("1"),
+            );
+        }
+        "refuse" => {
+            set_comm(CLIENT_COMM);
+            refuse(addr);
+        }
+        "bind" => {
+            set_comm(CLIENT_COMM);
+            bind_until_failure(addr, count);
+        }
+        "nonblocking" => {
+            set_comm(CLIENT_COMM);
+            let err = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+                .expect_err("connect should fail");
+            println!("errno {}", err.raw_os_error().unwrap());
+        }
+        "unreachable" => {
+            set_comm(CLIENT_COMM);
+            unreachable(addr);
         }
         other => panic!("unknown role {other}"),
     }
@@ -99,8 +147,23 @@ fn server(addr: SocketAddr, count: usize, closer: Closer) {
     let listener = TcpListener::bind(addr).expect("server: bind");
     println!("ready {}", listener.local_addr().unwrap().port());
     std::io::stdout().flush().unwrap();
-    for _ in 0..count {
-        let (mut conn, _) = listener.accept().expect("server: accept");
+    // With an unbounded count, stop after a second without connections (bounded loop).
+    listener.set_nonblocking(count == usize::MAX).unwrap();
+    let mut idle_since = std::time::Instant::now();
+    let mut served = 0;
+    while served < count {
+        let mut conn = match listener.accept() {
+            Ok((conn, _)) => conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if idle_since.elapsed() > Duration::from_secs(1) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            }
+            Err(e) => panic!("server: accept: {e}"),
+        };
+        conn.set_nonblocking(false).unwrap();
         conn.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         match closer {
@@ -112,13 +175,24 @@ fn server(addr: SocketAddr, count: usize, closer: Closer) {
                 while conn.read(&mut buf).expect("server: read") > 0 {}
             }
         }
+        served += 1;
+        idle_since = std::time::Instant::now();
     }
 }
 
-fn client(addr: SocketAddr, count: usize, closer: Closer) {
+fn client(addr: SocketAddr, count: usize, closer: Closer, tolerate: bool) {
+    let (mut connected, mut failed, mut errno) = (0, 0, 0);
     for _ in 0..count {
-        let mut conn =
-            TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("client: connect");
+        let mut conn = match TcpStream::connect(addr) {
+            Ok(conn) => conn,
+            Err(e) if tolerate => {
+                failed += 1;
+                errno = e.raw_os_error().unwrap_or(0);
+                continue;
+            }
+            Err(e) => panic!("client: connect: {e}"),
+        };
+        connected += 1;
         conn.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         match closer {
@@ -133,6 +207,102 @@ fn client(addr: SocketAddr, count: usize, closer: Closer) {
                 while conn.read(&mut buf).expect("client: read") > 0 {}
             }
         }
+    }
+    if tolerate {
+        println!("connected {connected} failed {failed} errno {errno}");
+    }
+}
+
+/// Connects to a port nobody listens on, blocking then non-blocking; prints both errnos.
+fn refuse(addr: SocketAddr) {
+    let blocking = TcpStream::connect(addr).expect_err("blocking connect should fail");
+    // connect_timeout is a non-blocking connect (EINPROGRESS), then poll and SO_ERROR.
+    let nonblocking = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .expect_err("non-blocking connect should fail");
+    println!(
+        "blocking {} nonblocking {}",
+        blocking.raw_os_error().unwrap(),
+        nonblocking.raw_os_error().unwrap()
+    );
+}
+
+/// Binds TCP sockets to `addr` (port 0) until one fails; prints how many succeeded.
+fn bind_until_failure(addr: SocketAddr, max: usize) {
+    let mut held = Vec::new();
+    for _ in 0..max {
+        let fd = socket(addr, libc::SOCK_STREAM);
+        match bind(fd, addr) {
+            Ok(()) => held.push(fd),
+            Err(e) => {
+                println!("bound {} errno {}", held.len(), e.raw_os_error().unwrap());
+                return;
+            }
+        }
+    }
+    println!("bound {} errno 0", held.len());
+}
+
+/// Connects TCP then UDP to an address with no route; prints both errnos. Only the TCP
+/// failure may be reported.
+fn unreachable(addr: SocketAddr) {
+    let tcp = TcpStream::connect(addr).expect_err("no route: connect should fail");
+    let udp = std::net::UdpSocket::bind(SocketAddr::new(addr.ip(), 0))
+        .or_else(|_| std::net::UdpSocket::bind("0.0.0.0:0"))
+        .unwrap();
+    let udp_err = udp
+        .connect(addr)
+        .expect_err("no route: UDP connect should fail");
+    println!(
+        "tcp {} udp {}",
+        tcp.raw_os_error().unwrap(),
+        udp_err.raw_os_error().unwrap()
+    );
+}
+
+fn socket(addr: SocketAddr, kind: i32) -> i32 {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::socket(family, kind, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    fd
+}
+
+fn bind(fd: i32, addr: SocketAddr) -> std::io::Result<()> {
+    // SAFETY: the sockaddr structs are fully initialised and sized for their family.
+    let rc = unsafe {
+        match addr {
+            SocketAddr::V4(a) => {
+                let mut sa: libc::sockaddr_in = std::mem::zeroed();
+                sa.sin_family = libc::AF_INET as u16;
+                sa.sin_port = a.port().to_be();
+                sa.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+                libc::bind(
+                    fd,
+                    (&raw const sa).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                )
+            }
+            SocketAddr::V6(a) => {
+                let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+                sa.sin6_family = libc::AF_INET6 as u16;
+                sa.sin6_port = a.port().to_be();
+                sa.sin6_addr.s6_addr = a.ip().octets();
+                libc::bind(
+                    fd,
+                    (&raw const sa).cast(),
+                    size_of::<libc::sockaddr_in6>() as u32,
+                )
+            }
+        }
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

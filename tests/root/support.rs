@@ -48,6 +48,13 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Sets a sysctl inside the namespace, e.g. `net.ipv4.tcp_tw_reuse`.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        self.exec(&["sysctl", "-qw", &format!("{key}={value}")]);
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")
@@ -163,6 +170,15 @@ pub fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect()
+}
+
+/// Waits for a child with a deadline, asserting success, and returns its stdout.
+pub fn wait_output(mut child: Child, what: &str) -> String {
+    wait_ok(&mut child, what);
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout piped"), &mut out)
+        .unwrap();
+    out
 }
 
 /// Waits for a child with a deadline, asserting success.

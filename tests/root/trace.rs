@@ -62,7 +62,8 @@ fn run_scenario(
     let tracer = Tracer::start(&all_args);
     let (mut server, port) =
         scenario::spawn_server(&ns.path(), SocketAddr::new(ip, 0), count, closer);
-    let mut client = scenario::spawn_client(&ns.path(), SocketAddr::new(ip, port), count, closer);
+    let mut client =
+        scenario::spawn_client(&ns.path(), SocketAddr::new(ip, port), count, closer, false);
     let (server_pid, client_pid) = (server.id(), client.id());
     wait_ok(&mut client, "client");
     wait_ok(&mut server, "server");

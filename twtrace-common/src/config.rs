@@ -32,6 +32,31 @@ pub struct ResetLayout {
     pub present: u16,
 }
 
+/// Byte offsets of the `sock:inet_sk_error_report` tracepoint record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ErrorReportLayout {
+    pub error: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u16,
+    /// 1 or 2, as in [`SockStateLayout::protocol_size`].
+    pub protocol_size: u16,
+    /// Nonzero when the tracepoint exists and is attached.
+    pub present: u16,
+}
+
+/// Byte offsets of the `syscalls:sys_enter_connect`/`sys_enter_bind` records (`fd`, the
+/// user address) and of `sys_exit_*` (`ret`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyscallLayout {
+    pub enter_fd: u16,
+    pub enter_addr: u16,
+    pub exit_ret: u16,
+    pub _pad: u16,
+}
+
 /// Offsets inside kernel structures, from the running kernel's BTF.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -41,6 +66,26 @@ pub struct KernelLayout {
     /// `offsetof(struct net, ns.inum)`: the namespace inode number `ip netns` and
     /// `/proc/PID/ns/net` show.
     pub net_ns_inum: u32,
+    /// File descriptor to socket, for failures of sockets that never changed state:
+    /// `task_struct.files`, `files_struct.fdt`, `fdtable.max_fds`, `fdtable.fd`,
+    /// `file.private_data`, `socket.sk`, `sock.sk_protocol` (a u16 since Linux 5.6).
+    /// `fd_walk` is 0 when any of them is unavailable.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    pub sock_protocol: u32,
+    pub fd_walk: u32,
+    /// `offsetof(struct net, ipv4.ip_local_ports.range)`; 0 when unavailable.
+    pub net_port_range: u32,
+    /// 1: `u32 range` (low | high << 16, Linux 6.3+); 2: `int range[2]` (before).
+    pub port_range_format: u32,
+    /// `offsetof(struct net, ipv4.sysctl_tcp_tw_reuse)`; 0 when unavailable.
+    pub net_tw_reuse: u32,
+    /// Size of `sysctl_tcp_tw_reuse`: 1 (u8, recent kernels) or 4 (int).
+    pub tw_reuse_size: u32,
 }
 
 #[cfg(feature = "user")]
@@ -49,4 +94,6 @@ mod user {
     unsafe impl aya::Pod for super::SockStateLayout {}
     unsafe impl aya::Pod for super::ResetLayout {}
     unsafe impl aya::Pod for super::KernelLayout {}
+    unsafe impl aya::Pod for super::ErrorReportLayout {}
+    unsafe impl aya::Pod for super::SyscallLayout {}
 }

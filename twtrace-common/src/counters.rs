@@ -11,8 +11,11 @@ pub const LISTENER_TABLE_FULL: u32 = 2;
 /// A tracepoint argument could not be read (bpf_probe_read failed).
 pub const READ_FAILED: u32 = 3;
 
+/// In-flight connect()/bind() table full: the oldest call was forgotten.
+pub const SYSCALL_TABLE_FULL: u32 = 4;
+
 /// Number of counters; the size of the `COUNTERS` map.
-pub const COUNT: u32 = 4;
+pub const COUNT: u32 = 5;
 
 /// Human names, indexed like the counters above.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -20,4 +23,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "socket table full (owner unknown)",
     "listener table full (accepted owner unknown)",
     "tracepoint read failures",
+    "in-flight connect/bind table evictions",
 ];

@@ -10,6 +10,10 @@ pub enum EventKind {
     /// A full socket handed over to a timewait socket: the kernel's FIN_WAIT2/CLOSING ->
     /// CLOSE, reported as -> TIME_WAIT ([`SockStateEvent`] with `new_state` TIME_WAIT).
     TimeWait = 2,
+    /// A failed connect() ([`FailureEvent`]).
+    ConnectError = 3,
+    /// A failed bind() of a TCP socket ([`FailureEvent`]).
+    BindError = 4,
 }
 
 impl EventKind {
@@ -17,6 +21,8 @@ impl EventKind {
         match v {
             1 => Some(Self::State),
             2 => Some(Self::TimeWait),
+            3 => Some(Self::ConnectError),
+            4 => Some(Self::BindError),
             _ => None,
         }
     }
@@ -110,10 +116,78 @@ impl SockStateEvent {
     pub const VERSION: u8 = 1;
 }
 
+/// Where a failure was seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FailureSource {
+    /// The return value of the connect() or bind() system call.
+    Syscall = 1,
+    /// The socket error of a non-blocking connect() that returned EINPROGRESS.
+    Async = 2,
+    /// The return value of `__inet_hash_connect` (local port search for connect()).
+    HashConnect = 3,
+    /// The return value of `inet_csk_get_port` (local port search for bind()/listen()).
+    GetPort = 4,
+}
+
+impl FailureSource {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Syscall),
+            2 => Some(Self::Async),
+            3 => Some(Self::HashConnect),
+            4 => Some(Self::GetPort),
+            _ => None,
+        }
+    }
+}
+
+/// Payload of [`EventKind::ConnectError`] and [`EventKind::BindError`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FailureEvent {
+    pub header: EventHeader,
+    /// Kernel address of the `struct sock`; 0 when unknown.
+    pub skaddr: u64,
+    /// The process that made the call (connect()/bind() run in the caller's context).
+    pub task: Task,
+    /// Network namespace inode number; 0 when unknown.
+    pub netns: u32,
+    /// Positive errno value, e.g. 99 for EADDRNOTAVAIL.
+    pub errno: u32,
+    /// AF_INET or AF_INET6 (of the address passed to the call).
+    pub family: u16,
+    /// Host byte order; 0 when no local port was assigned.
+    pub sport: u16,
+    /// Host byte order.
+    pub dport: u16,
+    /// A [`FailureSource`] value.
+    pub source: u8,
+    /// An [`Attribution`] value for `task`.
+    pub attribution: u8,
+    /// Network byte order; IPv4 uses the first 4 bytes. For bind_error, `saddr`/`sport`
+    /// hold the local address asked for and `daddr`/`dport` are zero.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// The namespace's `ip_local_port_range` and `tcp_tw_reuse` at the time of the
+    /// failure, read from the kernel; valid when `settings_known` is nonzero.
+    pub port_range_low: u16,
+    pub port_range_high: u16,
+    pub tcp_tw_reuse: u8,
+    pub settings_known: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FailureEvent>() == 104);
+
+impl FailureEvent {
+    pub const VERSION: u8 = 1;
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: repr(C) structs of integers and byte arrays with explicit padding.
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::Task {}
     unsafe impl aya::Pod for super::SockStateEvent {}
+    unsafe impl aya::Pod for super::FailureEvent {}
 }

@@ -10,4 +10,6 @@ pub mod counters;
 pub mod event;
 pub mod tcp;
 
-pub use event::{Attribution, EventHeader, EventKind, SockStateEvent, Task};
+pub use event::{
+    Attribution, EventHeader, EventKind, FailureEvent, FailureSource, SockStateEvent, Task,
+};

@@ -2,7 +2,10 @@
 #![no_std]
 #![no_main]
 
+mod connect;
+mod kernel;
 mod maps;
+mod sk_error;
 mod sock_state;
 mod tcp_reset;
 

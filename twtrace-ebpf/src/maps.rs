@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf},
 };
 use twtrace_common::{
-    Task,
-    config::{KernelLayout, ResetLayout, SockStateLayout},
+    FailureEvent, Task,
+    config::{ErrorReportLayout, KernelLayout, ResetLayout, SockStateLayout, SyscallLayout},
     counters,
 };
 
@@ -57,7 +57,96 @@ pub static RESET_LAYOUT: Global<ResetLayout> = Global::new(ResetLayout {
 pub static KERNEL_LAYOUT: Global<KernelLayout> = Global::new(KernelLayout {
     sock_net: 0,
     net_ns_inum: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdt_max_fds: 0,
+    fdt_fd: 0,
+    file_private_data: 0,
+    socket_sk: 0,
+    sock_protocol: 0,
+    fd_walk: 0,
+    net_port_range: 0,
+    port_range_format: 0,
+    net_tw_reuse: 0,
+    tw_reuse_size: 0,
 });
+
+/// connect() and bind() calls in flight, keyed by `bpf_get_current_pid_tgid()`: what the
+/// caller asked for, and what the state hook learnt about the socket meanwhile.
+#[map]
+pub static PENDING_CALLS: HashMap<u64, PendingCall> = HashMap::with_max_entries(16384, 0);
+
+/// Pairs a socket error report (`sock:inet_sk_error_report`) with the SYN_SENT -> CLOSE
+/// of the same socket. The kernel makes both in one call chain on one CPU, in either order
+/// (the error first before Linux 6.10, after since), and the report carries no socket
+/// address: whichever comes first parks here, the second completes the failure.
+#[map]
+pub static ASYNC_FAILURE: PerCpuArray<AsyncFailureSlot> = PerCpuArray::with_max_entries(1, 0);
+
+#[unsafe(no_mangle)]
+pub static ERROR_REPORT_LAYOUT: Global<ErrorReportLayout> = Global::new(ErrorReportLayout {
+    error: 0,
+    sport: 0,
+    dport: 0,
+    protocol: 0,
+    protocol_size: 0,
+    present: 0,
+});
+
+#[unsafe(no_mangle)]
+pub static CONNECT_LAYOUT: Global<SyscallLayout> = Global::new(SyscallLayout {
+    enter_fd: 0,
+    enter_addr: 0,
+    exit_ret: 0,
+    _pad: 0,
+});
+
+#[unsafe(no_mangle)]
+pub static BIND_LAYOUT: Global<SyscallLayout> = Global::new(SyscallLayout {
+    enter_fd: 0,
+    enter_addr: 0,
+    exit_ret: 0,
+    _pad: 0,
+});
+
+pub const CALL_CONNECT: u8 = 1;
+pub const CALL_BIND: u8 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PendingCall {
+    /// `CALL_CONNECT` or `CALL_BIND`.
+    pub call: u8,
+    pub _pad: [u8; 1],
+    /// Address family of the address passed in.
+    pub family: u16,
+    /// Port passed in (host order).
+    pub port: u16,
+    /// Local port the kernel picked, when the state hook saw it.
+    pub sport: u16,
+    pub fd: u32,
+    /// Socket error of a connect that failed before the call returned EINPROGRESS.
+    pub async_errno: u32,
+    /// The socket, once the state hook saw this call move it (CLOSE -> SYN_SENT).
+    pub skaddr: u64,
+    /// Address passed in (network order).
+    pub addr: [u8; 16],
+    /// Local address the kernel picked, when the state hook saw it.
+    pub saddr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct AsyncFailureSlot {
+    /// Error report seen first: its errno (0 = none parked) and ports.
+    pub error_errno: u32,
+    pub error_sport: u16,
+    pub error_dport: u16,
+    /// SYN_SENT -> CLOSE seen first: nonzero while `close` waits for its errno.
+    pub close_waiting: u32,
+    pub _pad: u32,
+    pub close: FailureEvent,
+}
 
 #[repr(C)]
 #[derive(Clone, Copy)]

@@ -9,19 +9,23 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
     },
     macros::tracepoint,
     programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
 use twtrace_common::{
-    Attribution, EventKind, SockStateEvent, Task, counters,
+    Attribution, EventKind, FailureEvent, FailureSource, SockStateEvent, Task, counters,
     tcp::{self, AF_INET, AF_INET6, IPPROTO_TCP},
 };
 
-use crate::maps::{
-    EVENTS, KERNEL_LAYOUT, LISTENERS, SOCK_STATE_LAYOUT, SOCKETS, SocketEntry, count, listener_key,
+use crate::{
+    connect::resolve_async_failure,
+    kernel::{port_settings, socket_netns},
+    maps::{
+        ASYNC_FAILURE, CALL_CONNECT, EVENTS, LISTENERS, PENDING_CALLS, SOCK_STATE_LAYOUT, SOCKETS,
+        SocketEntry, count, listener_key,
+    },
 };
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
@@ -72,11 +76,33 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         );
         return Ok(());
     }
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    // SAFETY: offsets from this kernel's format file for this record.
+    let read = unsafe {
+        if t.family == AF_INET {
+            read_addrs::<4>(ctx, layout.saddr, layout.daddr, &mut saddr, &mut daddr)
+        } else {
+            read_addrs::<16>(
+                ctx,
+                layout.saddr_v6,
+                layout.daddr_v6,
+                &mut saddr,
+                &mut daddr,
+            )
+        }
+    };
+    if read.is_err() {
+        count(counters::READ_FAILED);
+    }
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let netns = socket_netns(t.skaddr);
 
     let (task, attribution, prev_state_ns, reset_seen) = track_socket(ctx, &t, netns, now);
+    if t.old == tcp::TCP_SYN_SENT || t.new == tcp::TCP_SYN_SENT {
+        track_connect(&t, &task, attribution, netns, &saddr, &daddr);
+    }
 
     let kind = if tcp::close_enters_time_wait(t.old, t.new) && !reset_seen {
         EventKind::TimeWait
@@ -88,55 +114,130 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         count(counters::RINGBUF_FULL);
         return Ok(());
     };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: `ev` points to a reserved, exclusively owned SockStateEvent-sized slot;
-    // every field is written before submit.
-    unsafe {
-        (*ev).header.kind = kind as u8;
-        (*ev).header.version = SockStateEvent::VERSION;
-        (*ev).header._pad = [0; 2];
-        (*ev).header.cpu = bpf_get_smp_processor_id();
-        (*ev).header.ts_ns = now;
-        (*ev).skaddr = t.skaddr;
-        (*ev).prev_state_ns = prev_state_ns;
-        (*ev).task = task;
-        (*ev).netns = netns;
-        (*ev).family = t.family;
-        (*ev).sport = t.sport;
-        (*ev).dport = t.dport;
-        (*ev).old_state = t.old;
-        (*ev).new_state = if kind == EventKind::TimeWait {
+    entry.write(SockStateEvent {
+        header: header(kind, SockStateEvent::VERSION, now),
+        skaddr: t.skaddr,
+        prev_state_ns,
+        task,
+        netns,
+        family: t.family,
+        sport: t.sport,
+        dport: t.dport,
+        old_state: t.old,
+        new_state: if kind == EventKind::TimeWait {
             tcp::TCP_TIME_WAIT
         } else {
             t.new
-        };
-        (*ev).attribution = attribution as u8;
-        (*ev)._pad = [0; 3];
-        (*ev).saddr = [0; 16];
-        (*ev).daddr = [0; 16];
-        let read = if t.family == AF_INET {
-            read_addrs::<4>(
-                ctx,
-                layout.saddr,
-                layout.daddr,
-                &mut (*ev).saddr,
-                &mut (*ev).daddr,
-            )
-        } else {
-            read_addrs::<16>(
-                ctx,
-                layout.saddr_v6,
-                layout.daddr_v6,
-                &mut (*ev).saddr,
-                &mut (*ev).daddr,
-            )
-        };
-        if read.is_err() {
-            count(counters::READ_FAILED);
-        }
-    }
+        },
+        attribution: attribution as u8,
+        _pad: [0; 3],
+        saddr,
+        daddr,
+    });
     entry.submit(0);
     Ok(())
+}
+
+#[inline(always)]
+fn header(kind: EventKind, version: u8, now: u64) -> twtrace_common::EventHeader {
+    twtrace_common::EventHeader {
+        kind: kind as u8,
+        version,
+        _pad: [0; 2],
+        // SAFETY: no preconditions.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        ts_ns: now,
+    }
+}
+
+/// Sends a connect/bind failure to userspace.
+#[inline(always)]
+pub fn emit_failure(kind: EventKind, failure: &FailureEvent, now: u64) {
+    let Some(mut entry) = EVENTS.reserve::<FailureEvent>(0) else {
+        count(counters::RINGBUF_FULL);
+        return;
+    };
+    let mut ev = *failure;
+    ev.header = header(kind, FailureEvent::VERSION, now);
+    // Read now: by the time userspace looks, the namespace may be gone.
+    if let Some((low, high, reuse)) = port_settings(ev.skaddr) {
+        ev.port_range_low = low;
+        ev.port_range_high = high;
+        ev.tcp_tw_reuse = reuse;
+        ev.settings_known = 1;
+    }
+    entry.write(ev);
+    entry.submit(0);
+}
+
+/// Follows connect() through the state changes it causes. CLOSE -> SYN_SENT in the
+/// caller's context ties the call in progress to its socket. SYN_SENT -> CLOSE is a failed
+/// connect: the call in progress learns the local address picked; the errno comes with the
+/// socket error report (see [`ASYNC_FAILURE`]), or with the call's return value.
+#[inline(always)]
+fn track_connect(
+    t: &Transition,
+    owner: &Task,
+    attribution: Attribution,
+    netns: u32,
+    saddr: &[u8; 16],
+    daddr: &[u8; 16],
+) {
+    if t.old == tcp::TCP_CLOSE && t.new == tcp::TCP_SYN_SENT {
+        if let Some(call) = PENDING_CALLS.get_ptr_mut(&bpf_get_current_pid_tgid()) {
+            // SAFETY: map value pointer, valid while this program runs.
+            unsafe {
+                if (*call).call == CALL_CONNECT {
+                    (*call).skaddr = t.skaddr;
+                }
+            }
+        }
+        return;
+    }
+    if !(t.old == tcp::TCP_SYN_SENT && t.new == tcp::TCP_CLOSE) {
+        return;
+    }
+    let owner_id = (u64::from(owner.pid) << 32) | u64::from(owner.tid);
+    if let Some(call) = PENDING_CALLS.get_ptr_mut(&owner_id) {
+        // SAFETY: map value pointer, valid while this program runs.
+        unsafe {
+            if (*call).skaddr == t.skaddr {
+                (*call).saddr = *saddr;
+                (*call).sport = t.sport;
+            }
+        }
+    }
+    let Some(slot) = ASYNC_FAILURE.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot; nothing else runs on this CPU meanwhile.
+    unsafe {
+        (*slot).close = FailureEvent {
+            header: Default::default(),
+            skaddr: t.skaddr,
+            task: *owner,
+            netns,
+            errno: 0,
+            family: t.family,
+            sport: t.sport,
+            dport: t.dport,
+            source: FailureSource::Async as u8,
+            attribution: attribution as u8,
+            saddr: *saddr,
+            daddr: *daddr,
+            ..Default::default()
+        };
+        let errno = (*slot).error_errno;
+        if errno != 0 && (*slot).error_sport == t.sport && (*slot).error_dport == t.dport {
+            (*slot).error_errno = 0;
+            (*slot).close_waiting = 0;
+            resolve_async_failure(&(*slot).close, errno);
+        } else {
+            // A close without an error report (the owner closed a connecting socket) stays
+            // parked until the next one overwrites it.
+            (*slot).close_waiting = 1;
+        }
+    }
 }
 
 /// Copies the source and destination addresses (N bytes each) from the record.
@@ -252,29 +353,11 @@ fn track_socket(
 }
 
 #[inline(always)]
-fn current_task() -> Task {
+pub fn current_task() -> Task {
     let pid_tgid = bpf_get_current_pid_tgid();
     Task {
         pid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
         comm: bpf_get_current_comm().unwrap_or_default(),
-    }
-}
-
-/// Inode number of the socket's network namespace; 0 when BTF gave no offsets.
-#[inline(always)]
-fn socket_netns(skaddr: u64) -> u32 {
-    let layout = KERNEL_LAYOUT.load();
-    if layout.sock_net == 0 {
-        return 0;
-    }
-    // SAFETY: reads of kernel memory through the fault-tolerant helper.
-    unsafe {
-        let net: u64 =
-            match bpf_probe_read_kernel((skaddr + u64::from(layout.sock_net)) as *const u64) {
-                Ok(net) => net,
-                Err(_) => return 0,
-            };
-        bpf_probe_read_kernel((net + u64::from(layout.net_ns_inum)) as *const u32).unwrap_or(0)
     }
 }

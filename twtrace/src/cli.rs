@@ -35,12 +35,14 @@ pub enum Command {
     ///
     /// A socket that closes first and enters TIME_WAIT is reported as one `time_wait`
     /// event (FIN_WAIT2 -> TIME_WAIT or CLOSING -> TIME_WAIT) in place of the kernel's
-    /// FIN_WAIT2/CLOSING -> CLOSE of the full socket.
+    /// FIN_WAIT2/CLOSING -> CLOSE of the full socket. Failed connect() and bind() calls on
+    /// TCP sockets are reported as `connect_error` / `bind_error` with the errno.
     ///
     /// Examples:
     ///   twtrace trace                       every transition, human-readable
     ///   twtrace trace --state TIME_WAIT     who is filling the machine with TIME_WAIT
     ///   twtrace trace --json --port 5432    JSON Lines for one service port
+    ///   twtrace trace --failed              failed connects (EADDRNOTAVAIL, ECONNREFUSED…)
     #[command(verbatim_doc_comment)]
     Trace(TraceArgs),
 }
@@ -86,6 +88,11 @@ pub struct FilterArgs {
     #[arg(long, value_name = "INODE", value_delimiter = ',')]
     pub netns: Vec<u32>,
 
+    /// Only failures: connect() and bind() errors (connect_error, bind_error events).
+    /// With --state, the states asked for are shown too.
+    #[arg(long)]
+    pub failed: bool,
+
     /// Only IPv4 sockets.
     #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
     pub ipv4: bool,
@@ -111,6 +118,7 @@ impl FilterArgs {
                 None
             },
             netns: self.netns.clone(),
+            failed: self.failed,
         }
     }
 }

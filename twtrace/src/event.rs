@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use twtrace_common::{
-    Attribution, EventHeader, EventKind, SockStateEvent,
+    Attribution, EventHeader, EventKind, FailureEvent, FailureSource, SockStateEvent,
     tcp::{AF_INET, AF_INET6, state_name},
 };
 
@@ -14,6 +14,12 @@ pub enum DecodeError {
     Truncated { kind: u8, len: usize, need: usize },
     #[error("unknown event kind {0}")]
     UnknownKind(u8),
+    #[error("event kind {kind} has an invalid {field} ({value})")]
+    BadField {
+        kind: u8,
+        field: &'static str,
+        value: u64,
+    },
     #[error("event kind {kind} has layout version {version}, newer than this twtrace understands")]
     UnsupportedVersion { kind: u8, version: u8 },
 }
@@ -93,16 +99,82 @@ impl StateChange {
     }
 }
 
+/// Which call failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Call {
+    Connect,
+    Bind,
+}
+
+/// What the user needs to judge a port-allocation failure (EADDRNOTAVAIL, EADDRINUSE):
+/// the port range and TIME_WAIT reuse setting of the socket's network namespace, and how
+/// many TIME_WAIT sockets twtrace knows that hold ports: toward the same destination (for
+/// connect, where ports are shared per destination) or in the namespace (for bind).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortContext {
+    pub port_range: Option<(u16, u16)>,
+    pub tcp_tw_reuse: Option<u8>,
+    pub time_wait_to_destination: Option<u64>,
+    pub time_wait_in_netns: Option<u64>,
+}
+
+/// A failed connect() or bind() (kinds `connect_error`, `bind_error`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub call: Call,
+    pub ts_ns: u64,
+    pub cpu: u32,
+    /// The socket, when known.
+    pub skaddr: Option<u64>,
+    pub owner: Option<Owner>,
+    pub attribution: Attribution,
+    pub netns: u32,
+    /// Positive errno.
+    pub errno: u32,
+    pub source: FailureSource,
+    pub family: Family,
+    /// Local address: the one the kernel picked (connect), or asked for (bind).
+    pub saddr: IpAddr,
+    pub sport: u16,
+    /// Remote address asked for (connect); unspecified for bind.
+    pub daddr: IpAddr,
+    pub dport: u16,
+    /// Filled in by userspace for EADDRNOTAVAIL / EADDRINUSE.
+    pub context: Option<PortContext>,
+}
+
+impl Failure {
+    pub const fn kind_name(&self) -> &'static str {
+        match self.call {
+            Call::Connect => "connect_error",
+            Call::Bind => "bind_error",
+        }
+    }
+    pub fn error_name(&self) -> std::borrow::Cow<'static, str> {
+        crate::errno::name(self.errno)
+    }
+    pub const fn source_name(&self) -> &'static str {
+        match self.source {
+            FailureSource::Syscall => "syscall",
+            FailureSource::Async => "async",
+            FailureSource::HashConnect => "__inet_hash_connect",
+            FailureSource::GetPort => "inet_csk_get_port",
+        }
+    }
+}
+
 /// Every kind of event twtrace reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
     State(StateChange),
+    Failure(Failure),
 }
 
 impl Event {
     pub const fn ts_ns(&self) -> u64 {
         match self {
             Self::State(s) => s.ts_ns,
+            Self::Failure(f) => f.ts_ns,
         }
     }
 }
@@ -124,19 +196,71 @@ fn read<T: Copy>(bytes: &[u8], kind: u8) -> Result<T, DecodeError> {
 /// Decodes one ring-buffer record.
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let header: EventHeader = read(bytes, 0)?;
+    let check_version = |supported: u8| {
+        if header.version == supported {
+            Ok(())
+        } else {
+            Err(DecodeError::UnsupportedVersion {
+                kind: header.kind,
+                version: header.version,
+            })
+        }
+    };
     match EventKind::from_u8(header.kind) {
         Some(EventKind::State | EventKind::TimeWait) => {
-            if header.version != SockStateEvent::VERSION {
-                return Err(DecodeError::UnsupportedVersion {
-                    kind: header.kind,
-                    version: header.version,
-                });
-            }
+            check_version(SockStateEvent::VERSION)?;
             let raw: SockStateEvent = read(bytes, header.kind)?;
             Ok(Event::State(state_change(&raw)))
         }
+        Some(kind @ (EventKind::ConnectError | EventKind::BindError)) => {
+            check_version(FailureEvent::VERSION)?;
+            let raw: FailureEvent = read(bytes, header.kind)?;
+            let call = if kind == EventKind::BindError {
+                Call::Bind
+            } else {
+                Call::Connect
+            };
+            Ok(Event::Failure(failure(&raw, call)?))
+        }
         None => Err(DecodeError::UnknownKind(header.kind)),
     }
+}
+
+fn failure(raw: &FailureEvent, call: Call) -> Result<Failure, DecodeError> {
+    let family = if raw.family == AF_INET6 {
+        Family::Ipv6
+    } else {
+        Family::Ipv4
+    };
+    let attribution = Attribution::from_u8(raw.attribution);
+    let source = FailureSource::from_u8(raw.source).ok_or(DecodeError::BadField {
+        kind: raw.header.kind,
+        field: "source",
+        value: raw.source.into(),
+    })?;
+    Ok(Failure {
+        call,
+        ts_ns: raw.header.ts_ns,
+        cpu: raw.header.cpu,
+        skaddr: (raw.skaddr != 0).then_some(raw.skaddr),
+        owner: (attribution != Attribution::Unknown)
+            .then(|| Owner::new(raw.task.pid, raw.task.tid, raw.task.comm)),
+        attribution,
+        netns: raw.netns,
+        errno: raw.errno,
+        source,
+        family,
+        saddr: addr(family, raw.saddr),
+        sport: raw.sport,
+        daddr: addr(family, raw.daddr),
+        dport: raw.dport,
+        context: (raw.settings_known != 0).then_some(PortContext {
+            port_range: Some((raw.port_range_low, raw.port_range_high)),
+            tcp_tw_reuse: Some(raw.tcp_tw_reuse),
+            time_wait_to_destination: None,
+            time_wait_in_netns: None,
+        }),
+    })
 }
 
 fn addr(family: Family, bytes: [u8; 16]) -> IpAddr {
@@ -186,7 +310,7 @@ pub const fn attribution_name(a: Attribution) -> &'static str {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use twtrace_common::{Task, tcp};
+    use twtrace_common::{FailureSource, Task, tcp};
 
     use super::*;
 
@@ -242,7 +366,9 @@ pub(crate) mod tests {
     #[test]
     fn decodes_ipv4_time_wait() {
         let raw = raw_state(EventKind::TimeWait, AF_INET);
-        let Event::State(s) = decode(bytes_of(&raw)).unwrap();
+        let Event::State(s) = decode(bytes_of(&raw)).unwrap() else {
+            panic!()
+        };
         assert!(s.time_wait);
         assert_eq!(s.kind_name(), "time_wait");
         assert_eq!(s.saddr, "127.0.0.1".parse::<IpAddr>().unwrap());
@@ -260,7 +386,9 @@ pub(crate) mod tests {
     #[test]
     fn decodes_ipv6_state() {
         let raw = raw_state(EventKind::State, AF_INET6);
-        let Event::State(s) = decode(bytes_of(&raw)).unwrap();
+        let Event::State(s) = decode(bytes_of(&raw)).unwrap() else {
+            panic!()
+        };
         assert!(!s.time_wait);
         assert_eq!(s.family, Family::Ipv6);
         assert_eq!(s.daddr, "fd00::2".parse::<IpAddr>().unwrap());
@@ -271,7 +399,9 @@ pub(crate) mod tests {
     fn unknown_owner_has_no_process() {
         let mut raw = raw_state(EventKind::State, AF_INET);
         raw.attribution = Attribution::Unknown as u8;
-        let Event::State(s) = decode(bytes_of(&raw)).unwrap();
+        let Event::State(s) = decode(bytes_of(&raw)).unwrap() else {
+            panic!()
+        };
         assert_eq!(s.owner, None);
     }
 
@@ -298,6 +428,79 @@ pub(crate) mod tests {
         assert!(matches!(
             decode(bytes_of(&newer)),
             Err(DecodeError::UnsupportedVersion { version: 9, .. })
+        ));
+    }
+
+    pub(crate) fn raw_failure(kind: EventKind, errno: u32) -> FailureEvent {
+        let mut comm = [0u8; 16];
+        comm[..5].copy_from_slice(b"nginx");
+        let mut daddr = [0u8; 16];
+        daddr[..4].copy_from_slice(&[10, 0, 0, 7]);
+        FailureEvent {
+            header: EventHeader {
+                kind: kind as u8,
+                version: FailureEvent::VERSION,
+                _pad: [0; 2],
+                cpu: 0,
+                ts_ns: 7,
+            },
+            skaddr: 0xffff_8880_0000_2000,
+            task: Task {
+                pid: 77,
+                tid: 78,
+                comm,
+            },
+            netns: 4026531840,
+            errno,
+            family: AF_INET,
+            sport: 0,
+            dport: 5432,
+            source: FailureSource::Syscall as u8,
+            attribution: Attribution::Current as u8,
+            saddr: [0; 16],
+            daddr,
+            port_range_low: 40000,
+            port_range_high: 40009,
+            tcp_tw_reuse: 0,
+            settings_known: 1,
+            _pad: [0; 2],
+        }
+    }
+
+    #[test]
+    fn decodes_connect_error() {
+        let raw = raw_failure(EventKind::ConnectError, 99);
+        let Event::Failure(f) = decode(bytes_of(&raw)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(f.kind_name(), "connect_error");
+        assert_eq!(f.error_name(), "EADDRNOTAVAIL");
+        assert_eq!(f.source_name(), "syscall");
+        assert_eq!(f.owner.unwrap().comm(), "nginx");
+        assert_eq!(f.daddr, "10.0.0.7".parse::<IpAddr>().unwrap());
+        assert_eq!(f.dport, 5432);
+        assert_eq!(f.skaddr, Some(0xffff_8880_0000_2000));
+        let ctx = f.context.unwrap();
+        assert_eq!(
+            (ctx.port_range, ctx.tcp_tw_reuse),
+            (Some((40000, 40009)), Some(0))
+        );
+    }
+
+    #[test]
+    fn rejects_a_bad_failure_source() {
+        let mut raw = raw_failure(EventKind::BindError, 98);
+        raw.source = 99;
+        assert!(matches!(
+            decode(bytes_of(&raw)),
+            Err(DecodeError::BadField {
+                field: "source",
+                ..
+            })
+        ));
+        assert!(matches!(
+            decode(&bytes_of(&raw)[..103]),
+            Err(DecodeError::Truncated { need: 104, .. })
         ));
     }
 

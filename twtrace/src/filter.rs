@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use crate::event::{Event, Family, StateChange};
+use crate::event::{Call, Event, Failure, Family, StateChange};
 
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
@@ -14,6 +14,8 @@ pub struct Filter {
     pub states: Vec<u8>,
     pub family: Option<Family>,
     pub netns: Vec<u32>,
+    /// Only failures (connect_error, bind_error).
+    pub failed: bool,
 }
 
 fn any_or<T>(list: &[T], pred: impl FnMut(&T) -> bool) -> bool {
@@ -28,8 +30,23 @@ fn same_addr(a: IpAddr, b: IpAddr) -> bool {
 impl Filter {
     pub fn matches(&self, event: &Event) -> bool {
         match event {
-            Event::State(s) => self.matches_state(s),
+            // --failed alone drops state events; with --state, the states asked for stay.
+            Event::State(s) => !(self.failed && self.states.is_empty()) && self.matches_state(s),
+            // --state alone asks for state events only.
+            Event::Failure(f) => (self.failed || self.states.is_empty()) && self.matches_failure(f),
         }
+    }
+
+    fn matches_failure(&self, f: &Failure) -> bool {
+        let pid = f.owner.map(|o| o.pid);
+        let comm = f.owner.as_ref().map(|o| o.comm());
+        let connect = f.call == Call::Connect;
+        self.family.is_none_or(|fam| fam == f.family)
+            && any_or(&self.netns, |&n| n == f.netns)
+            && any_or(&self.pids, |&p| pid == Some(p))
+            && any_or(&self.comms, |c| comm.as_deref() == Some(c.as_str()))
+            && any_or(&self.ports, |&p| p == f.sport || (connect && p == f.dport))
+            && any_or(&self.daddrs, |&a| connect && same_addr(a, f.daddr))
     }
 
     fn matches_state(&self, s: &StateChange) -> bool {
@@ -136,8 +153,55 @@ mod tests {
     }
 
     #[test]
+    fn failed_and_state_select_kinds() {
+        use crate::event::tests::raw_failure;
+        let failure = decode(bytes_of(&raw_failure(EventKind::ConnectError, 99))).unwrap();
+        let tw = time_wait_event();
+        let failed = Filter {
+            failed: true,
+            ..Default::default()
+        };
+        assert!(failed.matches(&failure) && !failed.matches(&tw));
+        let state = Filter {
+            states: vec![tcp::TCP_TIME_WAIT],
+            ..Default::default()
+        };
+        assert!(!state.matches(&failure) && state.matches(&tw));
+        let both = Filter {
+            failed: true,
+            states: vec![tcp::TCP_TIME_WAIT],
+            ..Default::default()
+        };
+        assert!(both.matches(&failure) && both.matches(&tw));
+        assert!(Filter::default().matches(&failure));
+        assert!(
+            Filter {
+                ports: vec![5432],
+                ..Default::default()
+            }
+            .matches(&failure)
+        );
+        assert!(
+            Filter {
+                daddrs: vec!["10.0.0.7".parse().unwrap()],
+                ..Default::default()
+            }
+            .matches(&failure)
+        );
+        assert!(
+            !Filter {
+                pids: vec![1],
+                ..Default::default()
+            }
+            .matches(&failure)
+        );
+    }
+
+    #[test]
     fn unknown_owner_never_matches_a_pid_or_comm() {
-        let Event::State(mut s) = time_wait_event();
+        let Event::State(mut s) = time_wait_event() else {
+            panic!()
+        };
         s.owner = None;
         let ev = Event::State(s);
         assert!(

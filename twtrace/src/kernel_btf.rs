@@ -26,12 +26,91 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Btf> {
     Btf::from_file(path).with_context(|| format!("failed to parse BTF from {}", path.display()))
 }
 
-/// The offsets [`KernelLayout`] needs.
+/// The offsets [`KernelLayout`] needs. The socket's namespace is required; the file
+/// descriptor walk (for failed calls on sockets that never changed state) is optional.
 pub fn kernel_layout(btf: &Btf) -> anyhow::Result<KernelLayout> {
-    Ok(KernelLayout {
+    let mut layout = KernelLayout {
         sock_net: offset_of(btf, "sock", &["__sk_common", "skc_net"])?,
         net_ns_inum: offset_of(btf, "net", &["ns", "inum"])?,
-    })
+        ..KernelLayout::default()
+    };
+    let walk = (|| -> anyhow::Result<[u32; 7]> {
+        Ok([
+            offset_of(btf, "task_struct", &["files"])?,
+            offset_of(btf, "files_struct", &["fdt"])?,
+            offset_of(btf, "fdtable", &["max_fds"])?,
+            offset_of(btf, "fdtable", &["fd"])?,
+            offset_of(btf, "file", &["private_data"])?,
+            offset_of(btf, "socket", &["sk"])?,
+            // A plain u16 since Linux 5.6; a bit field before (rejected by offset_of).
+            offset_of(btf, "sock", &["sk_protocol"])?,
+        ])
+    })();
+    match walk {
+        Ok(
+            [
+                task_files,
+                files_fdt,
+                fdt_max_fds,
+                fdt_fd,
+                file_private_data,
+                socket_sk,
+                sock_protocol,
+            ],
+        ) => {
+            layout.task_files = task_files;
+            layout.files_fdt = files_fdt;
+            layout.fdt_max_fds = fdt_max_fds;
+            layout.fdt_fd = fdt_fd;
+            layout.file_private_data = file_private_data;
+            layout.socket_sk = socket_sk;
+            layout.sock_protocol = sock_protocol;
+            layout.fd_walk = 1;
+        }
+        Err(e) => log::warn!(
+            "connect()/bind() failures that happen before the socket changes state \
+             (e.g. ENETUNREACH) will not be reported: {e:#}"
+        ),
+    }
+    match port_settings_layout(btf) {
+        Ok((range, format, reuse, reuse_size)) => {
+            layout.net_port_range = range;
+            layout.port_range_format = format;
+            layout.net_tw_reuse = reuse;
+            layout.tw_reuse_size = reuse_size;
+        }
+        Err(e) => log::warn!("failures will not show the namespace's port range: {e:#}"),
+    }
+    Ok(layout)
+}
+
+/// Where `struct net` keeps `ip_local_port_range` and `tcp_tw_reuse`, and in which form.
+fn port_settings_layout(btf: &Btf) -> anyhow::Result<(u32, u32, u32, u32)> {
+    let range = offset_of(btf, "net", &["ipv4", "ip_local_ports", "range"])?;
+    let format = match member_type(btf, "local_ports", "range")? {
+        Type::Array(_) => 2,
+        Type::Int(i) if i.size() == 4 => 1,
+        other => bail!("unexpected type {} of local_ports.range", other.name()),
+    };
+    let reuse = offset_of(btf, "net", &["ipv4", "sysctl_tcp_tw_reuse"])?;
+    let reuse_size = match member_type(btf, "netns_ipv4", "sysctl_tcp_tw_reuse")? {
+        Type::Int(i) if i.size() == 1 || i.size() == 4 => i.size() as u32,
+        other => bail!("unexpected type {} of sysctl_tcp_tw_reuse", other.name()),
+    };
+    Ok((range, format, reuse, reuse_size))
+}
+
+/// The type of member `member` of `struct name`, typedefs resolved.
+fn member_type(btf: &Btf, name: &str, member: &str) -> anyhow::Result<Type> {
+    let root = btf
+        .resolve_types_by_name(name)
+        .with_context(|| format!("BTF has no type `{name}`"))?
+        .into_iter()
+        .find(|t| matches!(t, Type::Struct(_)))
+        .with_context(|| format!("BTF has no struct `{name}`"))?;
+    let (_, ty) = find_member(btf, &root, member, 0)?
+        .with_context(|| format!("struct {name} has no member `{member}`"))?;
+    Ok(ty)
 }
 
 /// Byte offset of the member reached by `path` from `struct name`. Anonymous struct and

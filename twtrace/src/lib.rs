@@ -6,10 +6,13 @@
 pub mod cli;
 pub mod clock;
 pub mod cmd;
+pub mod errno;
 pub mod event;
 pub mod filter;
 pub mod kernel_btf;
 pub mod loader;
+pub mod model;
 pub mod output;
+pub mod pipeline;
 pub mod privileges;
 pub mod tracefs;

@@ -10,7 +10,7 @@ use aya::{
     programs::TracePoint,
 };
 use twtrace_common::{
-    config::{ResetLayout, SockStateLayout},
+    config::{ErrorReportLayout, ResetLayout, SockStateLayout, SyscallLayout},
     counters,
 };
 
@@ -48,11 +48,17 @@ impl Tracer {
             .context("failed to find socket and network-namespace fields in the kernel's BTF")?;
         let state_layout = sock_state_layout(&tracefs)?;
         let reset_layout = reset_layout(&tracefs)?;
+        let error_layout = error_report_layout(&tracefs)?;
+        let connect_layout = syscall_layout(&tracefs, "connect", "uservaddr")?;
+        let bind_layout = syscall_layout(&tracefs, "bind", "umyaddr")?;
         raise_memlock_limit();
 
         let mut ebpf = EbpfLoader::new()
             .override_global("SOCK_STATE_LAYOUT", &state_layout, true)
             .override_global("RESET_LAYOUT", &reset_layout, true)
+            .override_global("ERROR_REPORT_LAYOUT", &error_layout, true)
+            .override_global("CONNECT_LAYOUT", &connect_layout.unwrap_or_default(), true)
+            .override_global("BIND_LAYOUT", &bind_layout.unwrap_or_default(), true)
             .override_global("KERNEL_LAYOUT", &kernel_layout, true)
             .override_global("AYA_LOG_LEVEL", &opts.kernel_log_level, false)
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
@@ -67,14 +73,44 @@ impl Tracer {
             "sock",
             "inet_sock_set_state",
         )?;
-        hooks.push("sock:inet_sock_set_state (tracepoint)".to_owned());
+        hooks.push("sock:inet_sock_set_state".to_owned());
         if reset_layout.present != 0 {
             attach_tracepoint(&mut ebpf, "tcp_receive_reset", "tcp", "tcp_receive_reset")?;
-            hooks.push("tcp:tcp_receive_reset (tracepoint)".to_owned());
+            hooks.push("tcp:tcp_receive_reset".to_owned());
         } else {
             log::warn!(
                 "tcp:tcp_receive_reset is missing on this kernel: a reset in FIN_WAIT2 may be \
                  reported as an entry into TIME_WAIT"
+            );
+        }
+        // Failed connects: the syscall tracepoints give caller, address and errno; the
+        // socket error report gives the errno of non-blocking connects.
+        for (call, layout) in [("connect", connect_layout), ("bind", bind_layout)] {
+            if layout.is_some() {
+                for phase in ["enter", "exit"] {
+                    let name = format!("sys_{phase}_{call}");
+                    attach_tracepoint(&mut ebpf, &name, "syscalls", &name)?;
+                }
+                hooks.push(format!("syscalls:sys_{{enter,exit}}_{call}"));
+            } else {
+                log::warn!(
+                    "this kernel has no syscalls:sys_enter_{call} tracepoint (CONFIG_FTRACE_SYSCALLS): \
+                     failed {call}() calls will not be reported"
+                );
+            }
+        }
+        if error_layout.present != 0 {
+            attach_tracepoint(
+                &mut ebpf,
+                "inet_sk_error_report",
+                "sock",
+                "inet_sk_error_report",
+            )?;
+            hooks.push("sock:inet_sk_error_report".to_owned());
+        } else {
+            log::warn!(
+                "sock:inet_sk_error_report is missing on this kernel (added in 5.15): failures \
+                 of non-blocking connects will not be reported"
             );
         }
         Ok(Self { ebpf, hooks })
@@ -172,6 +208,49 @@ fn reset_layout(tracefs: &Path) -> anyhow::Result<ResetLayout> {
             .offset,
         present: 1,
     })
+}
+
+fn error_report_layout(tracefs: &Path) -> anyhow::Result<ErrorReportLayout> {
+    let Some(format) = tracefs::Format::read(tracefs, "sock", "inet_sk_error_report")? else {
+        return Ok(ErrorReportLayout::default());
+    };
+    let read = || -> anyhow::Result<ErrorReportLayout> {
+        let protocol = format.field("protocol", &[1, 2])?;
+        Ok(ErrorReportLayout {
+            error: format.field("error", &[4])?.offset,
+            sport: format.field("sport", &[2])?.offset,
+            dport: format.field("dport", &[2])?.offset,
+            protocol: protocol.offset,
+            protocol_size: protocol.size,
+            present: 1,
+        })
+    };
+    read().context("unsupported sock:inet_sk_error_report layout on this kernel")
+}
+
+/// Layout of `syscalls:sys_enter_<call>` / `sys_exit_<call>`; `None` without syscall
+/// tracepoints.
+fn syscall_layout(
+    tracefs: &Path,
+    call: &str,
+    addr_field: &str,
+) -> anyhow::Result<Option<SyscallLayout>> {
+    let enter = tracefs::Format::read(tracefs, "syscalls", &format!("sys_enter_{call}"))?;
+    let exit = tracefs::Format::read(tracefs, "syscalls", &format!("sys_exit_{call}"))?;
+    let (Some(enter), Some(exit)) = (enter, exit) else {
+        return Ok(None);
+    };
+    let read = || -> anyhow::Result<SyscallLayout> {
+        Ok(SyscallLayout {
+            enter_fd: enter.field("fd", &[8])?.offset,
+            enter_addr: enter.field(addr_field, &[8])?.offset,
+            exit_ret: exit.field("ret", &[8])?.offset,
+            _pad: 0,
+        })
+    };
+    read()
+        .with_context(|| format!("unsupported syscalls:sys_*_{call} layout on this kernel"))
+        .map(Some)
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it where allowed.

@@ -15,21 +15,12 @@ use twtrace_common::counters;
 use crate::{
     cli::TraceArgs,
     clock::Clock,
-    event::{self, Event},
-    filter::Filter,
     loader::Tracer,
+    model::Model,
     output::{EventSink, Human, JsonLines},
+    pipeline::{Pipeline, Tally},
     privileges,
 };
-
-/// Event counts for the summary at exit.
-#[derive(Debug, Default)]
-struct Tally {
-    seen: u64,
-    time_wait: u64,
-    shown: u64,
-    undecodable: u64,
-}
 
 pub async fn run(args: TraceArgs, verbose: u8) -> anyhow::Result<()> {
     privileges::check()?;
@@ -52,7 +43,6 @@ pub async fn run(args: TraceArgs, verbose: u8) -> anyhow::Result<()> {
         AsyncFd::register_with_interest(tracer.take_events()?, tokio::io::Interest::READABLE)
     }
     .context("failed to poll the event ring buffer")?;
-    let clock = Clock::anchor_now();
 
     let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
@@ -60,17 +50,23 @@ pub async fn run(args: TraceArgs, verbose: u8) -> anyhow::Result<()> {
     let mut lost_seen = [0u64; counters::COUNT as usize];
 
     eprintln!(
-        "twtrace: tracing TCP state changes; hooks: {}. Ctrl-C to stop.",
+        "twtrace: tracing TCP state changes and failed connects; hooks: {} (tracepoints). Ctrl-C to stop.",
         tracer.hooks.join(", ")
     );
     sink.begin()?;
     sink.flush()?;
-    let mut tally = Tally::default();
+    let mut pipeline = Pipeline {
+        filter,
+        sink,
+        clock: Clock::anchor_now(),
+        model: Model::new(),
+        tally: Tally::default(),
+    };
     loop {
         tokio::select! {
             guard = events.readable_mut() => {
                 let mut guard = guard.context("failed to wait for events")?;
-                drain(guard.get_inner_mut(), &filter, sink.as_mut(), &clock, &mut tally)?;
+                drain(guard.get_inner_mut(), &mut pipeline)?;
                 guard.clear_ready();
             }
             guard = kernel_log.readable_mut() => {
@@ -84,43 +80,23 @@ pub async fn run(args: TraceArgs, verbose: u8) -> anyhow::Result<()> {
         }
     }
     // Events already in the ring buffer when the signal came are still delivered.
-    drain(events.get_mut(), &filter, sink.as_mut(), &clock, &mut tally)?;
+    drain(events.get_mut(), &mut pipeline)?;
     kernel_log.get_mut().flush();
     report_new_losses(&tracer, &mut lost_seen);
     let lost = lost_seen[counters::RINGBUF_FULL as usize];
-    eprintln!(
-        "twtrace: {} events ({} time_wait), {} shown, {} lost, {} undecodable",
-        tally.seen, tally.time_wait, tally.shown, lost, tally.undecodable
-    );
+    eprintln!("{}", pipeline.summary(lost));
     Ok(())
 }
 
 /// Decodes, filters and writes every record waiting in the ring buffer.
 fn drain(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
-    filter: &Filter,
-    sink: &mut dyn EventSink,
-    clock: &Clock,
-    tally: &mut Tally,
+    pipeline: &mut Pipeline,
 ) -> anyhow::Result<()> {
     while let Some(record) = ring.next() {
-        tally.seen += 1;
-        let event = match event::decode(&record) {
-            Ok(ev) => ev,
-            Err(e) => {
-                tally.undecodable += 1;
-                log::warn!("skipped a kernel record: {e}");
-                continue;
-            }
-        };
-        let Event::State(s) = &event;
-        tally.time_wait += u64::from(s.time_wait);
-        if filter.matches(&event) {
-            tally.shown += 1;
-            sink.write_event(&event, clock)?;
-        }
+        pipeline.record(&record)?;
     }
-    sink.flush()?;
+    pipeline.sink.flush()?;
     Ok(())
 }
 

@@ -7,7 +7,7 @@ use jiff::tz::TimeZone;
 use super::EventSink;
 use crate::{
     clock::Clock,
-    event::{Event, StateChange},
+    event::{Call, Event, Failure, StateChange},
 };
 
 pub struct Human<W: Write> {
@@ -42,12 +42,36 @@ fn endpoint(line: &mut String, addr: std::net::IpAddr, port: u16) {
     };
 }
 
-/// Formats one state change into `line` (without newline).
-pub(crate) fn format_state(line: &mut String, s: &StateChange, time: &str) {
-    let (pid, comm) = match &s.owner {
+/// The owner's pid and comm columns (`-` when unknown).
+fn owner_columns(owner: Option<&crate::event::Owner>) -> (String, String) {
+    match owner {
         Some(o) => (o.pid.to_string(), o.comm().into_owned()),
         None => ("-".to_owned(), "-".to_owned()),
-    };
+    }
+}
+
+/// Appends the LOCAL and REMOTE columns.
+fn endpoints(
+    line: &mut String,
+    local: (std::net::IpAddr, u16),
+    remote: Option<(std::net::IpAddr, u16)>,
+) {
+    let start = line.len();
+    endpoint(line, local.0, local.1);
+    let width = line.len() - start;
+    line.extend(std::iter::repeat_n(
+        ' ',
+        23usize.saturating_sub(width).max(1),
+    ));
+    match remote {
+        Some((addr, port)) => endpoint(line, addr, port),
+        None => line.push('-'),
+    }
+}
+
+/// Formats one state change into `line` (without newline).
+pub(crate) fn format_state(line: &mut String, s: &StateChange, time: &str) {
+    let (pid, comm) = owner_columns(s.owner.as_ref());
     let transition = format!("{} -> {}", s.old_state_name(), s.new_state_name());
     let ms = match s.prev_state_ns {
         Some(ns) => format!("{:.3}", ns as f64 / 1e6),
@@ -57,11 +81,50 @@ pub(crate) fn format_state(line: &mut String, s: &StateChange, time: &str) {
         line,
         "{time:<12} {pid:<7} {comm:<16} {transition:<26} {ms:>10}  "
     );
-    let start = line.len();
-    endpoint(line, s.saddr, s.sport);
-    let width = line.len() - start;
-    line.extend(std::iter::repeat_n(' ', 23usize.saturating_sub(width)));
-    endpoint(line, s.daddr, s.dport);
+    endpoints(line, (s.saddr, s.sport), Some((s.daddr, s.dport)));
+}
+
+/// Formats one failure into `line` (without newline): the call and errno in the
+/// TRANSITION column, then the port context when there is one.
+pub(crate) fn format_failure(line: &mut String, f: &Failure, time: &str) {
+    let (pid, comm) = owner_columns(f.owner.as_ref());
+    let call = match f.call {
+        Call::Connect => "connect",
+        Call::Bind => "bind",
+    };
+    let what = format!("{call}: {}", f.error_name());
+    let _ = write!(
+        line,
+        "{time:<12} {pid:<7} {comm:<16} {what:<26} {:>10}  ",
+        "-"
+    );
+    let remote = (f.call == Call::Connect).then_some((f.daddr, f.dport));
+    endpoints(line, (f.saddr, f.sport), remote);
+    if let Some(ctx) = &f.context {
+        line.push_str("  [");
+        if let Some((lo, hi)) = ctx.port_range {
+            let _ = write!(
+                line,
+                "ports {lo}-{hi} ({}), ",
+                u32::from(hi.saturating_sub(lo)) + 1
+            );
+        }
+        if let Some(reuse) = ctx.tcp_tw_reuse {
+            let _ = write!(line, "tcp_tw_reuse={reuse}, ");
+        }
+        match (ctx.time_wait_to_destination, ctx.time_wait_in_netns) {
+            (Some(n), _) => {
+                let _ = write!(line, "{n} in TIME_WAIT to it]");
+            }
+            (None, Some(n)) => {
+                let _ = write!(line, "{n} in TIME_WAIT in netns]");
+            }
+            (None, None) => {
+                line.truncate(line.trim_end_matches([',', ' ']).len());
+                line.push(']');
+            }
+        }
+    }
 }
 
 impl<W: Write> EventSink for Human<W> {
@@ -70,14 +133,16 @@ impl<W: Write> EventSink for Human<W> {
     }
 
     fn write_event(&mut self, event: &Event, clock: &Clock) -> std::io::Result<()> {
-        let Event::State(s) = event;
         let time = clock
-            .wall(s.ts_ns)
+            .wall(event.ts_ns())
             .to_zoned(self.tz.clone())
             .strftime("%H:%M:%S%.3f")
             .to_string();
         self.line.clear();
-        format_state(&mut self.line, s, &time);
+        match event {
+            Event::State(s) => format_state(&mut self.line, s, &time),
+            Event::Failure(f) => format_failure(&mut self.line, f, &time),
+        }
         self.line.push('\n');
         self.out.write_all(self.line.as_bytes())
     }
@@ -101,7 +166,9 @@ mod tests {
     };
 
     fn line_for(kind: EventKind, family: u16) -> String {
-        let Event::State(s) = decode(bytes_of(&raw_state(kind, family))).unwrap();
+        let Event::State(s) = decode(bytes_of(&raw_state(kind, family))).unwrap() else {
+            panic!()
+        };
         let mut line = String::new();
         format_state(&mut line, &s, "20:09:20.123");
         line
@@ -128,6 +195,28 @@ mod tests {
             header.find("MS").unwrap() + 2,
             line.find("1.500").unwrap() + 5,
             "MS right-aligned"
+        );
+    }
+
+    #[test]
+    fn failure_line_shows_errno_and_context() {
+        use crate::event::{PortContext, tests::raw_failure};
+        let Event::Failure(mut f) =
+            decode(bytes_of(&raw_failure(EventKind::ConnectError, 99))).unwrap()
+        else {
+            panic!()
+        };
+        f.context = Some(PortContext {
+            port_range: Some((40000, 40009)),
+            tcp_tw_reuse: Some(0),
+            time_wait_to_destination: Some(10),
+            time_wait_in_netns: None,
+        });
+        let mut line = String::new();
+        format_failure(&mut line, &f, "20:09:20.123");
+        assert_eq!(
+            line,
+            "20:09:20.123 77      nginx            connect: EADDRNOTAVAIL              -  0.0.0.0:0              10.0.0.7:5432  [ports 40000-40009 (10), tcp_tw_reuse=0, 10 in TIME_WAIT to it]"
         );
     }
 

@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::EventSink;
 use crate::{
     clock::Clock,
-    event::{Event, StateChange, attribution_name},
+    event::{Event, Failure, StateChange, attribution_name},
 };
 
 pub struct JsonLines<W: Write> {
@@ -66,10 +66,76 @@ impl<'a> StateJson<'a> {
     }
 }
 
+/// The JSON shape of a `connect_error` / `bind_error` event.
+#[derive(Serialize)]
+pub struct FailureJson<'a> {
+    kind: &'static str,
+    ts: String,
+    pid: Option<u32>,
+    tid: Option<u32>,
+    comm: Option<std::borrow::Cow<'a, str>>,
+    attribution: &'static str,
+    family: &'static str,
+    saddr: std::net::IpAddr,
+    sport: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    daddr: Option<std::net::IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dport: Option<u16>,
+    errno: u32,
+    error: std::borrow::Cow<'static, str>,
+    source: &'static str,
+    netns: u32,
+    skaddr: Option<String>,
+    cpu: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    port_range: Option<[u16; 2]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tcp_tw_reuse: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    time_wait_to_destination: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    time_wait_in_netns: Option<u64>,
+}
+
+impl<'a> FailureJson<'a> {
+    pub fn new(f: &'a Failure, clock: &Clock) -> Self {
+        let connect = f.call == crate::event::Call::Connect;
+        Self {
+            kind: f.kind_name(),
+            ts: clock.wall(f.ts_ns).to_string(),
+            pid: f.owner.as_ref().map(|o| o.pid),
+            tid: f.owner.as_ref().map(|o| o.tid),
+            comm: f.owner.as_ref().map(|o| o.comm()),
+            attribution: attribution_name(f.attribution),
+            family: f.family.name(),
+            saddr: f.saddr,
+            sport: f.sport,
+            daddr: connect.then_some(f.daddr),
+            dport: connect.then_some(f.dport),
+            errno: f.errno,
+            error: f.error_name(),
+            source: f.source_name(),
+            netns: f.netns,
+            skaddr: f.skaddr.map(|a| format!("{a:#x}")),
+            cpu: f.cpu,
+            port_range: f
+                .context
+                .and_then(|c| c.port_range)
+                .map(|(lo, hi)| [lo, hi]),
+            tcp_tw_reuse: f.context.and_then(|c| c.tcp_tw_reuse),
+            time_wait_to_destination: f.context.and_then(|c| c.time_wait_to_destination),
+            time_wait_in_netns: f.context.and_then(|c| c.time_wait_in_netns),
+        }
+    }
+}
+
 impl<W: Write> EventSink for JsonLines<W> {
     fn write_event(&mut self, event: &Event, clock: &Clock) -> std::io::Result<()> {
-        let Event::State(s) = event;
-        serde_json::to_writer(&mut self.out, &StateJson::new(s, clock))?;
+        match event {
+            Event::State(s) => serde_json::to_writer(&mut self.out, &StateJson::new(s, clock))?,
+            Event::Failure(f) => serde_json::to_writer(&mut self.out, &FailureJson::new(f, clock))?,
+        }
         self.out.write_all(b"\n")
     }
 
@@ -111,5 +177,54 @@ mod tests {
         assert_eq!(v["attribution"], "owner");
         assert_eq!(v["prev_state_ns"], 1_500_000);
         assert!(out.ends_with(b"}\n"));
+    }
+
+    #[test]
+    fn connect_error_json_has_the_documented_fields() {
+        use crate::event::{PortContext, tests::raw_failure};
+        let Event::Failure(mut f) =
+            decode(bytes_of(&raw_failure(EventKind::ConnectError, 99))).unwrap()
+        else {
+            panic!()
+        };
+        f.context = Some(PortContext {
+            port_range: Some((40000, 40009)),
+            tcp_tw_reuse: Some(0),
+            time_wait_to_destination: Some(10),
+            time_wait_in_netns: None,
+        });
+        let mut out = Vec::new();
+        JsonLines::new(&mut out)
+            .write_event(&Event::Failure(f), &Clock::from_offset(0))
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["kind"], "connect_error");
+        assert_eq!(v["errno"], 99);
+        assert_eq!(v["error"], "EADDRNOTAVAIL");
+        assert_eq!(v["pid"], 77);
+        assert_eq!(v["comm"], "nginx");
+        assert_eq!(v["daddr"], "10.0.0.7");
+        assert_eq!(v["dport"], 5432);
+        assert_eq!(v["family"], "ipv4");
+        assert_eq!(v["netns"], 4026531840u32);
+        assert_eq!(v["source"], "syscall");
+        assert_eq!(v["port_range"], serde_json::json!([40000, 40009]));
+        assert_eq!(v["tcp_tw_reuse"], 0);
+        assert_eq!(v["time_wait_to_destination"], 10);
+    }
+
+    #[test]
+    fn bind_error_json_has_no_remote() {
+        use crate::event::tests::raw_failure;
+        let ev = decode(bytes_of(&raw_failure(EventKind::BindError, 98))).unwrap();
+        let mut out = Vec::new();
+        JsonLines::new(&mut out)
+            .write_event(&ev, &Clock::from_offset(0))
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["kind"], "bind_error");
+        assert_eq!(v["error"], "EADDRINUSE");
+        assert!(v.get("daddr").is_none() && v.get("dport").is_none(), "{v}");
+        assert_eq!(v["port_range"], serde_json::json!([40000, 40009]));
     }
 }

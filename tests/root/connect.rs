@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::{
     scenario::{self, CLIENT_COMM, Closer},
-    support::{Netns, Tracer, json_lines, wait_ok, wait_output},
+    support::{Netns, PortSearchSupport, Tracer, json_lines, wait_ok, wait_output},
     trial,
 };
 
@@ -17,14 +17,11 @@ const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
 
 pub fn trials() -> Vec<Trial> {
-    vec![
-        trial(
-            "connect::port_exhaustion_ipv4_reports_every_eaddrnotavail",
-            || port_exhaustion(V4),
-        ),
+    let support = PortSearchSupport::get();
+    let mut trials = vec![
         trial(
             "connect::port_exhaustion_ipv6_reports_every_eaddrnotavail",
-            || port_exhaustion(V6),
+            || port_exhaustion(V6, "auto"),
         ),
         trial("connect::refused_ipv4_blocking_and_nonblocking", || {
             refused(V4)
@@ -35,16 +32,54 @@ pub fn trials() -> Vec<Trial> {
         trial("connect::refused_v4_mapped_ipv6", || {
             refused(IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()))
         }),
-        trial(
-            "connect::bind_exhaustion_reports_eaddrinuse",
-            bind_exhaustion,
-        ),
         trial("connect::unreachable_tcp_reported_udp_not", unreachable),
         trial(
             "connect::host_unreachable_after_einprogress_is_reported_async",
             host_unreachable_async,
         ),
-    ]
+        trial(
+            "connect::auto_port_search_hooks_choose_the_best_available",
+            auto_chooses_best,
+        ),
+    ];
+    // Each way of catching port exhaustion, where this kernel allows it.
+    for mode in ["none", "fexit", "kprobe"] {
+        let available = support.has(mode);
+        trials.push(
+            Trial::test(
+                format!("connect::port_exhaustion_ipv4_via_{mode}"),
+                move || {
+                    port_exhaustion(V4, mode);
+                    Ok(())
+                },
+            )
+            .with_ignored_flag(!available),
+        );
+        trials.push(
+            Trial::test(format!("connect::bind_exhaustion_via_{mode}"), move || {
+                bind_exhaustion(mode);
+                Ok(())
+            })
+            .with_ignored_flag(!available),
+        );
+    }
+    trials
+}
+
+/// The `source` a port exhaustion is reported with, per port-search hook kind.
+fn exhaustion_source(port_search: &str, call: &str) -> &'static str {
+    match (port_search, call) {
+        ("none", _) => "syscall",
+        (_, "connect") => "__inet_hash_connect",
+        _ => "inet_csk_get_port",
+    }
+}
+
+fn auto_chooses_best() {
+    let tracer = Tracer::start(&["--json", "--netns", "1"]);
+    let chosen = tracer.port_search();
+    drop(tracer.stop());
+    assert_eq!(chosen, PortSearchSupport::get().best());
 }
 
 /// The range the exhaustion tests give their namespace: 10 ports.
@@ -62,8 +97,18 @@ fn small_port_range_netns() -> Netns {
 }
 
 fn tracer_for(ns: &Netns, extra: &[&str]) -> Tracer {
+    tracer_with_hooks(ns, "auto", extra)
+}
+
+fn tracer_with_hooks(ns: &Netns, hooks: &str, extra: &[&str]) -> Tracer {
     let inode = ns.inode().to_string();
-    let mut args = vec!["--json", "--netns", inode.as_str()];
+    let mut args = vec![
+        "--json",
+        "--netns",
+        inode.as_str(),
+        "--port-search-hooks",
+        hooks,
+    ];
     args.extend_from_slice(extra);
     Tracer::start(&args)
 }
@@ -94,9 +139,10 @@ fn failures<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["kind"] == kind).collect()
 }
 
-fn port_exhaustion(ip: IpAddr) {
+fn port_exhaustion(ip: IpAddr, hooks: &str) {
     let ns = small_port_range_netns();
-    let tracer = tracer_for(&ns, &[]);
+    let tracer = tracer_with_hooks(&ns, hooks, &[]);
+    let source = exhaustion_source(&tracer.port_search(), "connect");
     let (server, port) =
         // A fixed port: a listener on port 0 would take one of the range's 10 ports.
         scenario::spawn_server_until_idle(&ns.path(), SocketAddr::new(ip, 5000), Closer::Client);
@@ -143,7 +189,7 @@ fn port_exhaustion(ip: IpAddr) {
             "{e}"
         );
         assert_eq!(e["netns"], ns.inode(), "{e}");
-        assert_eq!(e["source"], "syscall", "{e}");
+        assert_eq!(e["source"], source, "{e}");
         assert_eq!(
             e["port_range"],
             serde_json::json!([RANGE.0, RANGE.1]),
@@ -205,9 +251,10 @@ fn refused(connect_ip: IpAddr) {
     }
 }
 
-fn bind_exhaustion() {
+fn bind_exhaustion(hooks: &str) {
     let ns = small_port_range_netns();
-    let tracer = tracer_for(&ns, &["--failed"]);
+    let tracer = tracer_with_hooks(&ns, hooks, &["--failed"]);
+    let source = exhaustion_source(&tracer.port_search(), "bind");
     let binder = scenario::spawn_role("bind", &ns.path(), SocketAddr::new(V4, 0), 100);
     let pid = binder.id();
     let summary = wait_output(binder, "bind");
@@ -225,6 +272,7 @@ fn bind_exhaustion() {
     assert_eq!(e["pid"], pid, "{e}");
     assert_eq!(e["saddr"], "127.0.0.1", "{e}");
     assert_eq!(e["sport"], 0, "asked for any port: {e}");
+    assert_eq!(e["source"], source, "{e}");
     assert_eq!(
         e["port_range"],
         serde_json::json!([RANGE.0, RANGE.1]),

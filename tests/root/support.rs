@@ -155,6 +155,83 @@ impl Tracer {
     pub fn stop(self) -> Output {
         self.stop_with(libc::SIGINT)
     }
+
+    /// How twtrace hooked the kernel's port search (`fexit`, `kprobe`, `none`), from its
+    /// start-up line.
+    pub fn port_search(&self) -> String {
+        self.stderr_start
+            .split("port search: ")
+            .nth(1)
+            .and_then(|rest| rest.split(')').next())
+            .unwrap_or_else(|| panic!("no port search in {:?}", self.stderr_start))
+            .to_owned()
+    }
+}
+
+/// Which kinds of port-search hooks this kernel allows, found once by starting twtrace
+/// with each (fexit is refused on some kernels, kprobes are compiled out of others).
+pub struct PortSearchSupport {
+    pub fexit: bool,
+    pub kprobe: bool,
+}
+
+impl PortSearchSupport {
+    pub fn get() -> &'static Self {
+        static SUPPORT: std::sync::OnceLock<PortSearchSupport> = std::sync::OnceLock::new();
+        SUPPORT.get_or_init(|| Self {
+            fexit: can_start("fexit"),
+            kprobe: can_start("kprobe"),
+        })
+    }
+
+    pub fn has(&self, mode: &str) -> bool {
+        match mode {
+            "fexit" => self.fexit,
+            "kprobe" => self.kprobe,
+            _ => true,
+        }
+    }
+
+    /// What `--port-search-hooks auto` should choose here.
+    pub fn best(&self) -> &'static str {
+        if self.fexit {
+            "fexit"
+        } else if self.kprobe {
+            "kprobe"
+        } else {
+            "none"
+        }
+    }
+}
+
+fn can_start(mode: &str) -> bool {
+    let mut child = Command::new(TWTRACE)
+        .args([
+            "trace",
+            "--json",
+            "--netns",
+            "1",
+            "--port-search-hooks",
+            mode,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("failed to start twtrace");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut ready = false;
+    let mut line = String::new();
+    // Bounded: twtrace prints its start line or exits with an error.
+    while stderr.read_line(&mut line).unwrap_or(0) > 0 {
+        if line.starts_with("twtrace: tracing") {
+            ready = true;
+            break;
+        }
+        line.clear();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    ready
 }
 
 impl Drop for Tracer {

@@ -86,6 +86,18 @@ pub struct KernelLayout {
     pub net_tw_reuse: u32,
     /// Size of `sysctl_tcp_tw_reuse`: 1 (u8, recent kernels) or 4 (int).
     pub tw_reuse_size: u32,
+    /// A socket's own addresses (`struct sock_common`), for the port-search hooks that
+    /// get only the socket: `skc_family`, `skc_daddr`, `skc_rcv_saddr`, `skc_dport`
+    /// (network order), `skc_num` (host order), `skc_v6_daddr`, `skc_v6_rcv_saddr`.
+    /// `sock_addrs` is 0 when any of them is unavailable.
+    pub skc_family: u32,
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub sock_addrs: u32,
 }
 
 #[cfg(feature = "user")]

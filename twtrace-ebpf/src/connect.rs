@@ -42,6 +42,10 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let Some((call, errno)) = finish_call(&ctx, layout.exit_ret) else {
         return 0;
     };
+    // The kernel's port search failed and its hook already said so, from the source.
+    if call.reported != 0 {
+        return 0;
+    }
     if errno == EINPROGRESS {
         // Non-blocking: a failure that already arrived (on loopback, before connect()
         // even returned) was parked here by the state hook; a later one is reported there.
@@ -92,7 +96,7 @@ pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
     let Some((call, errno)) = finish_call(&ctx, layout.exit_ret) else {
         return 0;
     };
-    if matches!(errno, EBADF | ENOTSOCK) {
+    if call.reported != 0 || matches!(errno, EBADF | ENOTSOCK) {
         return 0;
     }
     if let Some((sk, IPPROTO_TCP)) = current_socket(call.fd) {
@@ -152,7 +156,7 @@ fn remember_call(ctx: &TracePointContext, kind: u8, fd_offset: u16, addr_offset:
     };
     let mut call = PendingCall {
         call: kind,
-        _pad: [0],
+        reported: 0,
         family,
         port: 0,
         sport: 0,

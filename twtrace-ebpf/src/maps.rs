@@ -69,7 +69,29 @@ pub static KERNEL_LAYOUT: Global<KernelLayout> = Global::new(KernelLayout {
     port_range_format: 0,
     net_tw_reuse: 0,
     tw_reuse_size: 0,
+    skc_family: 0,
+    skc_daddr: 0,
+    skc_rcv_saddr: 0,
+    skc_dport: 0,
+    skc_num: 0,
+    skc_v6_daddr: 0,
+    skc_v6_rcv_saddr: 0,
+    sock_addrs: 0,
 });
+
+/// Arguments of a port search in progress (kprobe entry to kretprobe), keyed by
+/// `bpf_get_current_pid_tgid()`.
+#[map]
+pub static PORT_SEARCHES: HashMap<u64, PortSearch> = HashMap::with_max_entries(4096, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PortSearch {
+    pub sk: u64,
+    /// The port asked for (inet_csk_get_port's `snum`; 0 = any).
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
 
 /// connect() and bind() calls in flight, keyed by `bpf_get_current_pid_tgid()`: what the
 /// caller asked for, and what the state hook learnt about the socket meanwhile.
@@ -117,7 +139,8 @@ pub const CALL_BIND: u8 = 2;
 pub struct PendingCall {
     /// `CALL_CONNECT` or `CALL_BIND`.
     pub call: u8,
-    pub _pad: [u8; 1],
+    /// A port-search hook already reported this call's failure.
+    pub reported: u8,
     /// Address family of the address passed in.
     pub family: u16,
     /// Port passed in (host order).

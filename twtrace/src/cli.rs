@@ -5,7 +5,7 @@ use std::{net::IpAddr, path::PathBuf};
 use clap::{Args, Parser, Subcommand};
 use twtrace_common::tcp;
 
-use crate::{event::Family, filter::Filter, loader};
+use crate::{event::Family, filter::Filter, loader, loader::PortSearchHooks};
 
 /// Live-trace TCP state changes and TIME_WAIT, attributed to the real process.
 ///
@@ -136,6 +136,12 @@ pub struct KernelArgs {
           value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub max_sockets: u32,
 
+    /// How to hook the kernel's local-port search (`__inet_hash_connect`,
+    /// `inet_csk_get_port`): `auto` tries fexit, then kprobes, then goes without (the
+    /// syscall tracepoints still report the failures callers see).
+    #[arg(long, value_name = "HOOKS", value_enum, default_value_t = PortSearchHooks::Auto)]
+    pub port_search_hooks: PortSearchHooks,
+
     /// Read kernel structure layouts from this BTF file instead of /sys/kernel/btf/vmlinux.
     #[arg(long, value_name = "FILE")]
     pub btf: Option<PathBuf>,
@@ -147,6 +153,7 @@ impl KernelArgs {
             ring_buffer_bytes: self.ring_buffer_size,
             max_sockets: self.max_sockets,
             btf: self.btf.clone(),
+            port_search_hooks: self.port_search_hooks,
             // aya-log levels: 1 error, 2 warn, 3 info, 4 debug, 5 trace.
             kernel_log_level: 2 + verbose.min(3),
         }

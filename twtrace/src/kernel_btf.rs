@@ -72,6 +72,31 @@ pub fn kernel_layout(btf: &Btf) -> anyhow::Result<KernelLayout> {
              (e.g. ENETUNREACH) will not be reported: {e:#}"
         ),
     }
+    let sock_addrs = (|| -> anyhow::Result<[u32; 7]> {
+        let common = |field: &str| offset_of(btf, "sock", &["__sk_common", field]);
+        Ok([
+            common("skc_family")?,
+            common("skc_daddr")?,
+            common("skc_rcv_saddr")?,
+            common("skc_dport")?,
+            common("skc_num")?,
+            common("skc_v6_daddr")?,
+            common("skc_v6_rcv_saddr")?,
+        ])
+    })();
+    match sock_addrs {
+        Ok([family, daddr, rcv_saddr, dport, num, v6_daddr, v6_rcv_saddr]) => {
+            layout.skc_family = family;
+            layout.skc_daddr = daddr;
+            layout.skc_rcv_saddr = rcv_saddr;
+            layout.skc_dport = dport;
+            layout.skc_num = num;
+            layout.skc_v6_daddr = v6_daddr;
+            layout.skc_v6_rcv_saddr = v6_rcv_saddr;
+            layout.sock_addrs = 1;
+        }
+        Err(e) => log::warn!("the port-search hooks cannot read socket addresses: {e:#}"),
+    }
     match port_settings_layout(btf) {
         Ok((range, format, reuse, reuse_size)) => {
             layout.net_port_range = range;

@@ -7,7 +7,7 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{FExit, KProbe, TracePoint},
 };
 use twtrace_common::{
     config::{ErrorReportLayout, ResetLayout, SockStateLayout, SyscallLayout},
@@ -30,13 +30,42 @@ pub struct Options {
     pub btf: Option<std::path::PathBuf>,
     /// Most verbose kernel-side log level to emit (aya-log; 0 = off).
     pub kernel_log_level: u8,
+    /// How to hook the kernel's port search.
+    pub port_search_hooks: PortSearchHooks,
 }
+
+/// Ways to hook the kernel's local-port search.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PortSearchHooks {
+    /// fexit if the kernel allows it, else kprobes, else none.
+    Auto,
+    /// fentry/fexit (BTF trampolines, Linux 5.17+): cheapest.
+    Fexit,
+    /// kprobe + kretprobe.
+    Kprobe,
+    /// Do not hook the port search; rely on the syscall tracepoints.
+    None,
+}
+
+/// The programs of one way of hooking the port search: (program, kernel function).
+const FEXIT_PROGRAMS: [(&str, &str); 2] = [
+    ("hash_connect_fexit", "__inet_hash_connect"),
+    ("get_port_fexit", "inet_csk_get_port"),
+];
+const KPROBE_PROGRAMS: [(&str, &str); 4] = [
+    ("hash_connect_entry", "__inet_hash_connect"),
+    ("hash_connect_return", "__inet_hash_connect"),
+    ("get_port_entry", "inet_csk_get_port"),
+    ("get_port_return", "inet_csk_get_port"),
+];
 
 /// A loaded and attached set of programs.
 pub struct Tracer {
     ebpf: Ebpf,
-    /// Human descriptions of the active hooks, e.g. `sock:inet_sock_set_state (tracepoint)`.
-    pub hooks: Vec<String>,
+    /// The tracepoints attached, e.g. `sock:inet_sock_set_state`.
+    pub tracepoints: Vec<String>,
+    /// How the kernel's port search is hooked (`fexit`, `kprobe`), if it is.
+    pub port_search: Option<&'static str>,
 }
 
 impl Tracer {
@@ -66,17 +95,17 @@ impl Tracer {
             .load(EBPF_OBJECT)
             .context("failed to load the eBPF programs into the kernel")?;
 
-        let mut hooks = Vec::new();
+        let mut tracepoints = Vec::new();
         attach_tracepoint(
             &mut ebpf,
             "inet_sock_set_state",
             "sock",
             "inet_sock_set_state",
         )?;
-        hooks.push("sock:inet_sock_set_state".to_owned());
+        tracepoints.push("sock:inet_sock_set_state".to_owned());
         if reset_layout.present != 0 {
             attach_tracepoint(&mut ebpf, "tcp_receive_reset", "tcp", "tcp_receive_reset")?;
-            hooks.push("tcp:tcp_receive_reset".to_owned());
+            tracepoints.push("tcp:tcp_receive_reset".to_owned());
         } else {
             log::warn!(
                 "tcp:tcp_receive_reset is missing on this kernel: a reset in FIN_WAIT2 may be \
@@ -91,7 +120,7 @@ impl Tracer {
                     let name = format!("sys_{phase}_{call}");
                     attach_tracepoint(&mut ebpf, &name, "syscalls", &name)?;
                 }
-                hooks.push(format!("syscalls:sys_{{enter,exit}}_{call}"));
+                tracepoints.push(format!("syscalls:sys_*_{call}"));
             } else {
                 log::warn!(
                     "this kernel has no syscalls:sys_enter_{call} tracepoint (CONFIG_FTRACE_SYSCALLS): \
@@ -99,6 +128,7 @@ impl Tracer {
                 );
             }
         }
+        let port_search = attach_port_search(&mut ebpf, opts.port_search_hooks)?;
         if error_layout.present != 0 {
             attach_tracepoint(
                 &mut ebpf,
@@ -106,14 +136,18 @@ impl Tracer {
                 "sock",
                 "inet_sk_error_report",
             )?;
-            hooks.push("sock:inet_sk_error_report".to_owned());
+            tracepoints.push("sock:inet_sk_error_report".to_owned());
         } else {
             log::warn!(
                 "sock:inet_sk_error_report is missing on this kernel (added in 5.15): failures \
                  of non-blocking connects will not be reported"
             );
         }
-        Ok(Self { ebpf, hooks })
+        Ok(Self {
+            ebpf,
+            tracepoints,
+            port_search,
+        })
     }
 
     /// The event ring buffer (can be taken once).
@@ -149,6 +183,85 @@ impl Tracer {
         }
         Ok(out)
     }
+}
+
+/// Attaches the port-search hooks as asked; returns the kind attached, if any.
+fn attach_port_search(
+    ebpf: &mut Ebpf,
+    choice: PortSearchHooks,
+) -> anyhow::Result<Option<&'static str>> {
+    let try_fexit = |ebpf: &mut Ebpf| -> anyhow::Result<()> {
+        let btf = aya::Btf::from_sys_fs().context("failed to read the kernel's BTF")?;
+        for (program, function) in FEXIT_PROGRAMS {
+            let prog: &mut FExit = program_mut(ebpf, program)?;
+            prog.load(function, &btf)
+                .with_context(|| format!("fexit on {function}: load failed"))?;
+            prog.attach()
+                .with_context(|| format!("fexit on {function}: attach failed"))?;
+        }
+        Ok(())
+    };
+    let try_kprobe = |ebpf: &mut Ebpf| -> anyhow::Result<()> {
+        for (program, function) in KPROBE_PROGRAMS {
+            let prog: &mut KProbe = program_mut(ebpf, program)?;
+            prog.load()
+                .with_context(|| format!("kprobe on {function}: load failed"))?;
+            prog.attach(function, 0)
+                .with_context(|| format!("kprobe on {function}: attach failed"))?;
+        }
+        Ok(())
+    };
+    // A failed attempt must not leave half its programs attached.
+    let unload_fexit = |ebpf: &mut Ebpf| {
+        for (program, _) in FEXIT_PROGRAMS {
+            if let Ok(prog) = program_mut::<FExit>(ebpf, program) {
+                let _ = prog.unload();
+            }
+        }
+    };
+    let unload_kprobe = |ebpf: &mut Ebpf| {
+        for (program, _) in KPROBE_PROGRAMS {
+            if let Ok(prog) = program_mut::<KProbe>(ebpf, program) {
+                let _ = prog.unload();
+            }
+        }
+    };
+    match choice {
+        PortSearchHooks::None => Ok(None),
+        PortSearchHooks::Fexit => try_fexit(ebpf)
+            .context("fexit hooks are not available on this kernel; try --port-search-hooks kprobe or auto")
+            .map(|()| Some("fexit")),
+        PortSearchHooks::Kprobe => try_kprobe(ebpf)
+            .context("kprobes are not available on this kernel; try --port-search-hooks fexit or auto")
+            .map(|()| Some("kprobe")),
+        PortSearchHooks::Auto => {
+            let fexit_error = match try_fexit(ebpf) {
+                Ok(()) => return Ok(Some("fexit")),
+                Err(e) => e,
+            };
+            unload_fexit(ebpf);
+            let kprobe_error = match try_kprobe(ebpf) {
+                Ok(()) => return Ok(Some("kprobe")),
+                Err(e) => e,
+            };
+            unload_kprobe(ebpf);
+            log::info!(
+                "the kernel's port search cannot be hooked here ({fexit_error:#}; {kprobe_error:#}); \
+                 failed connect()/bind() calls are still reported from the syscall tracepoints"
+            );
+            Ok(None)
+        }
+    }
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, program: &str) -> anyhow::Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(program)
+        .with_context(|| format!("program {program} is missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("program {program} has an unexpected type"))
 }
 
 fn attach_tracepoint(

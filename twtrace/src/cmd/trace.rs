@@ -49,9 +49,11 @@ pub async fn run(args: TraceArgs, verbose: u8) -> anyhow::Result<()> {
     let mut lost_check = tokio::time::interval(Duration::from_secs(1));
     let mut lost_seen = [0u64; counters::COUNT as usize];
 
+    // Tests and scripts wait for this line: the programs are attached once it is printed.
     eprintln!(
-        "twtrace: tracing TCP state changes and failed connects; hooks: {} (tracepoints). Ctrl-C to stop.",
-        tracer.hooks.join(", ")
+        "twtrace: tracing TCP state changes and failed connects (tracepoints: {}; port search: {}). Ctrl-C to stop.",
+        tracer.tracepoints.join(", "),
+        tracer.port_search.unwrap_or("none")
     );
     sink.begin()?;
     sink.flush()?;

@@ -8,14 +8,8 @@ use crate::{support::TWTRACE, trial};
 
 pub fn trials() -> Vec<Trial> {
     vec![
-        trial(
-            "cli::bad_state_is_a_usage_error",
-            bad_state_is_a_usage_error,
-        ),
-        trial(
-            "cli::bad_ring_size_is_a_usage_error",
-            bad_ring_size_is_a_usage_error,
-        ),
+        trial("cli::bad_state_is_a_usage_error", bad_state_is_a_usage_error),
+        trial("cli::bad_ring_size_is_a_usage_error", bad_ring_size_is_a_usage_error),
         trial(
             "cli::unprivileged_user_is_told_which_capabilities",
             unprivileged_user_told_capabilities,
@@ -26,10 +20,7 @@ pub fn trials() -> Vec<Trial> {
 }
 
 fn twtrace(args: &[&str]) -> Output {
-    Command::new(TWTRACE)
-        .args(args)
-        .output()
-        .expect("failed to run twtrace")
+    Command::new(TWTRACE).args(args).output().expect("failed to run twtrace")
 }
 
 fn stderr(out: &Output) -> String {
@@ -39,11 +30,7 @@ fn stderr(out: &Output) -> String {
 fn bad_state_is_a_usage_error() {
     let out = twtrace(&["trace", "--state", "WAITING"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("unknown TCP state `WAITING`"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("unknown TCP state `WAITING`"), "{}", stderr(&out));
 }
 
 fn bad_ring_size_is_a_usage_error() {
@@ -75,20 +62,14 @@ fn unprivileged_user_told_capabilities() {
 fn missing_btf_is_explained() {
     let out = twtrace(&["trace", "--btf", "/nonexistent/vmlinux"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("CONFIG_DEBUG_INFO_BTF"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("CONFIG_DEBUG_INFO_BTF"), "{}", stderr(&out));
 }
 
 fn help_lists_filters() {
     let out = twtrace(&["trace", "--help"]);
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in [
-        "--json", "--pid", "--comm", "--port", "--daddr", "--state", "--ipv4", "--ipv6",
-    ] {
+    for flag in ["--json", "--pid", "--comm", "--port", "--daddr", "--state", "--ipv4", "--ipv6"] {
         assert!(help.contains(flag), "help lacks {flag}:\n{help}");
     }
 }

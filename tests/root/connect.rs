@@ -19,16 +19,11 @@ const V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
 pub fn trials() -> Vec<Trial> {
     let support = PortSearchSupport::get();
     let mut trials = vec![
-        trial(
-            "connect::port_exhaustion_ipv6_reports_every_eaddrnotavail",
-            || port_exhaustion(V6, "auto"),
-        ),
-        trial("connect::refused_ipv4_blocking_and_nonblocking", || {
-            refused(V4)
+        trial("connect::port_exhaustion_ipv6_reports_every_eaddrnotavail", || {
+            port_exhaustion(V6, "auto")
         }),
-        trial("connect::refused_ipv6_blocking_and_nonblocking", || {
-            refused(V6)
-        }),
+        trial("connect::refused_ipv4_blocking_and_nonblocking", || refused(V4)),
+        trial("connect::refused_ipv6_blocking_and_nonblocking", || refused(V6)),
         trial("connect::refused_v4_mapped_ipv6", || {
             refused(IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()))
         }),
@@ -37,22 +32,16 @@ pub fn trials() -> Vec<Trial> {
             "connect::host_unreachable_after_einprogress_is_reported_async",
             host_unreachable_async,
         ),
-        trial(
-            "connect::auto_port_search_hooks_choose_the_best_available",
-            auto_chooses_best,
-        ),
+        trial("connect::auto_port_search_hooks_choose_the_best_available", auto_chooses_best),
     ];
     // Each way of catching port exhaustion, where this kernel allows it.
     for mode in ["none", "fexit", "kprobe"] {
         let available = support.has(mode);
         trials.push(
-            Trial::test(
-                format!("connect::port_exhaustion_ipv4_via_{mode}"),
-                move || {
-                    port_exhaustion(V4, mode);
-                    Ok(())
-                },
-            )
+            Trial::test(format!("connect::port_exhaustion_ipv4_via_{mode}"), move || {
+                port_exhaustion(V4, mode);
+                Ok(())
+            })
             .with_ignored_flag(!available),
         );
         trials.push(
@@ -87,10 +76,7 @@ const RANGE: (u16, u16) = (40000, 40009);
 
 fn small_port_range_netns() -> Netns {
     let ns = Netns::new();
-    ns.sysctl(
-        "net.ipv4.ip_local_port_range",
-        &format!("{} {}", RANGE.0, RANGE.1),
-    );
+    ns.sysctl("net.ipv4.ip_local_port_range", &format!("{} {}", RANGE.0, RANGE.1));
     // The default (2) lets loopback connections reuse TIME_WAIT ports: no exhaustion.
     ns.sysctl("net.ipv4.tcp_tw_reuse", "0");
     ns
@@ -102,24 +88,14 @@ fn tracer_for(ns: &Netns, extra: &[&str]) -> Tracer {
 
 fn tracer_with_hooks(ns: &Netns, hooks: &str, extra: &[&str]) -> Tracer {
     let inode = ns.inode().to_string();
-    let mut args = vec![
-        "--json",
-        "--netns",
-        inode.as_str(),
-        "--port-search-hooks",
-        hooks,
-    ];
+    let mut args = vec!["--json", "--netns", inode.as_str(), "--port-search-hooks", hooks];
     args.extend_from_slice(extra);
     Tracer::start(&args)
 }
 
 fn stop(tracer: Tracer) -> Vec<Value> {
     let out = tracer.stop();
-    assert!(
-        out.status.success(),
-        "twtrace failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "twtrace failed: {}", String::from_utf8_lossy(&out.stderr));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(" 0 lost"), "events were lost: {stderr}");
     json_lines(&out.stdout)
@@ -128,10 +104,7 @@ fn stop(tracer: Tracer) -> Vec<Value> {
 /// "key value key value…" -> value of `key`.
 fn field(line: &str, key: &str) -> i64 {
     let words: Vec<&str> = line.split_whitespace().collect();
-    let at = words
-        .iter()
-        .position(|w| *w == key)
-        .unwrap_or_else(|| panic!("no {key} in {line:?}"));
+    let at = words.iter().position(|w| *w == key).unwrap_or_else(|| panic!("no {key} in {line:?}"));
     words[at + 1].parse().unwrap()
 }
 
@@ -164,11 +137,7 @@ fn port_exhaustion(ip: IpAddr, hooks: &str) {
     let failed = field(&summary, "failed");
     assert_eq!(field(&summary, "connected"), 10, "{summary}");
     assert_eq!(failed, 4, "{summary}");
-    assert_eq!(
-        field(&summary, "errno"),
-        i64::from(libc::EADDRNOTAVAIL),
-        "{summary}"
-    );
+    assert_eq!(field(&summary, "errno"), i64::from(libc::EADDRNOTAVAIL), "{summary}");
 
     let errors = failures(&events, "connect_error");
     assert_eq!(
@@ -183,18 +152,10 @@ fn port_exhaustion(ip: IpAddr, hooks: &str) {
         assert_eq!(e["comm"], CLIENT_COMM, "{e}");
         assert_eq!(e["daddr"], ip.to_string(), "{e}");
         assert_eq!(e["dport"], port, "{e}");
-        assert_eq!(
-            e["family"],
-            if ip.is_ipv4() { "ipv4" } else { "ipv6" },
-            "{e}"
-        );
+        assert_eq!(e["family"], if ip.is_ipv4() { "ipv4" } else { "ipv6" }, "{e}");
         assert_eq!(e["netns"], ns.inode(), "{e}");
         assert_eq!(e["source"], source, "{e}");
-        assert_eq!(
-            e["port_range"],
-            serde_json::json!([RANGE.0, RANGE.1]),
-            "{e}"
-        );
+        assert_eq!(e["port_range"], serde_json::json!([RANGE.0, RANGE.1]), "{e}");
         assert_eq!(e["tcp_tw_reuse"], 0, "{e}");
         assert_eq!(e["time_wait_to_destination"], 10, "{e}");
     }
@@ -211,41 +172,23 @@ fn refused(connect_ip: IpAddr) {
     let client_pid = client.id();
     let summary = wait_output(client, "refuse");
     let events = stop(tracer);
-    assert_eq!(
-        field(&summary, "blocking"),
-        i64::from(libc::ECONNREFUSED),
-        "{summary}"
-    );
-    assert_eq!(
-        field(&summary, "nonblocking"),
-        i64::from(libc::ECONNREFUSED),
-        "{summary}"
-    );
+    assert_eq!(field(&summary, "blocking"), i64::from(libc::ECONNREFUSED), "{summary}");
+    assert_eq!(field(&summary, "nonblocking"), i64::from(libc::ECONNREFUSED), "{summary}");
 
     assert!(
         events.iter().all(|e| e["kind"] == "connect_error"),
         "--failed shows failures only: {events:#?}"
     );
     assert_eq!(events.len(), 2, "{events:#?}");
-    let sources: Vec<&str> = events
-        .iter()
-        .map(|e| e["source"].as_str().unwrap())
-        .collect();
-    assert!(
-        sources.contains(&"syscall") && sources.contains(&"async"),
-        "{sources:?}"
-    );
+    let sources: Vec<&str> = events.iter().map(|e| e["source"].as_str().unwrap()).collect();
+    assert!(sources.contains(&"syscall") && sources.contains(&"async"), "{sources:?}");
     for e in &events {
         assert_eq!(e["error"], "ECONNREFUSED", "{e}");
         assert_eq!(e["pid"], client_pid, "{e}");
         assert_eq!(e["comm"], CLIENT_COMM, "{e}");
         assert_eq!(e["daddr"], connect_ip.to_string(), "{e}");
         assert_eq!(e["dport"], 9, "{e}");
-        assert_eq!(
-            e["family"],
-            if connect_ip.is_ipv4() { "ipv4" } else { "ipv6" },
-            "{e}"
-        );
+        assert_eq!(e["family"], if connect_ip.is_ipv4() { "ipv4" } else { "ipv6" }, "{e}");
         // The SYN went out, so a local port was picked.
         assert_ne!(e["sport"], 0, "{e}");
     }
@@ -260,11 +203,7 @@ fn bind_exhaustion(hooks: &str) {
     let summary = wait_output(binder, "bind");
     let events = stop(tracer);
     assert_eq!(field(&summary, "bound"), 10, "{summary}");
-    assert_eq!(
-        field(&summary, "errno"),
-        i64::from(libc::EADDRINUSE),
-        "{summary}"
-    );
+    assert_eq!(field(&summary, "errno"), i64::from(libc::EADDRINUSE), "{summary}");
     assert_eq!(events.len(), 1, "{events:#?}");
     let e = &events[0];
     assert_eq!(e["kind"], "bind_error", "{e}");
@@ -273,11 +212,7 @@ fn bind_exhaustion(hooks: &str) {
     assert_eq!(e["saddr"], "127.0.0.1", "{e}");
     assert_eq!(e["sport"], 0, "asked for any port: {e}");
     assert_eq!(e["source"], source, "{e}");
-    assert_eq!(
-        e["port_range"],
-        serde_json::json!([RANGE.0, RANGE.1]),
-        "{e}"
-    );
+    assert_eq!(e["port_range"], serde_json::json!([RANGE.0, RANGE.1]), "{e}");
     assert_eq!(e["netns"], ns.inode(), "{e}");
 }
 
@@ -285,25 +220,12 @@ fn unreachable() {
     // A fresh namespace has only loopback: no route to 192.0.2.1 (TEST-NET-1, never used).
     let ns = Netns::new();
     let tracer = tracer_for(&ns, &["--failed"]);
-    let role = scenario::spawn_role(
-        "unreachable",
-        &ns.path(),
-        "192.0.2.1:80".parse().unwrap(),
-        1,
-    );
+    let role = scenario::spawn_role("unreachable", &ns.path(), "192.0.2.1:80".parse().unwrap(), 1);
     let pid = role.id();
     let summary = wait_output(role, "unreachable");
     let events = stop(tracer);
-    assert_eq!(
-        field(&summary, "tcp"),
-        i64::from(libc::ENETUNREACH),
-        "{summary}"
-    );
-    assert_eq!(
-        field(&summary, "udp"),
-        i64::from(libc::ENETUNREACH),
-        "{summary}"
-    );
+    assert_eq!(field(&summary, "tcp"), i64::from(libc::ENETUNREACH), "{summary}");
+    assert_eq!(field(&summary, "udp"), i64::from(libc::ENETUNREACH), "{summary}");
     assert_eq!(events.len(), 1, "only the TCP connect: {events:#?}");
     let e = &events[0];
     assert_eq!(e["error"], "ENETUNREACH", "{e}");
@@ -318,37 +240,23 @@ fn host_unreachable_async() {
     // 100 ms and fails the SYN_SENT socket with EHOSTUNREACH, long after connect()
     // returned EINPROGRESS.
     let ns = Netns::new();
-    ns.exec(&[
-        "ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1",
-    ]);
+    ns.exec(&["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
     ns.exec(&["ip", "addr", "add", "192.0.2.1/24", "dev", "v0"]);
     ns.exec(&["ip", "link", "set", "v0", "up"]);
     ns.sysctl("net.ipv4.neigh.v0.mcast_solicit", "1");
     ns.sysctl("net.ipv4.neigh.v0.retrans_time_ms", "100");
     let tracer = tracer_for(&ns, &["--failed"]);
-    let role = scenario::spawn_role(
-        "nonblocking",
-        &ns.path(),
-        "192.0.2.2:80".parse().unwrap(),
-        1,
-    );
+    let role = scenario::spawn_role("nonblocking", &ns.path(), "192.0.2.2:80".parse().unwrap(), 1);
     let pid = role.id();
     let summary = wait_output(role, "nonblocking");
     let events = stop(tracer);
-    assert_eq!(
-        field(&summary, "errno"),
-        i64::from(libc::EHOSTUNREACH),
-        "{summary}"
-    );
+    assert_eq!(field(&summary, "errno"), i64::from(libc::EHOSTUNREACH), "{summary}");
     assert_eq!(events.len(), 1, "{events:#?}");
     let e = &events[0];
     assert_eq!(e["kind"], "connect_error", "{e}");
     assert_eq!(e["error"], "EHOSTUNREACH", "{e}");
     assert_eq!(e["source"], "async", "{e}");
-    assert_eq!(
-        e["pid"], pid,
-        "attributed to the connecting process, not the timer: {e}"
-    );
+    assert_eq!(e["pid"], pid, "attributed to the connecting process, not the timer: {e}");
     assert_eq!(e["comm"], CLIENT_COMM, "{e}");
     assert_eq!(e["saddr"], "192.0.2.1", "{e}");
     assert_ne!(e["sport"], 0, "{e}");

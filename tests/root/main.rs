@@ -7,6 +7,7 @@
 
 mod cli;
 mod connect;
+mod record;
 mod scenario;
 mod support;
 mod trace;
@@ -24,6 +25,7 @@ fn main() -> std::process::ExitCode {
     trials.extend(cli::trials());
     trials.extend(trace::trials());
     trials.extend(connect::trials());
+    trials.extend(record::trials());
     libtest_mimic::run(&args, trials).exit_code()
 }
 

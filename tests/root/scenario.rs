@@ -101,11 +101,8 @@ pub fn run_role_if_requested() -> Option<ExitCode> {
     enter_netns(&env("TWTRACE_TEST_NETNS"));
     let addr: SocketAddr = env("TWTRACE_TEST_ADDR").parse().unwrap();
     let count: usize = env("TWTRACE_TEST_COUNT").parse().unwrap();
-    let closer = if env("TWTRACE_TEST_CLOSER") == "client" {
-        Closer::Client
-    } else {
-        Closer::Server
-    };
+    let closer =
+        if env("TWTRACE_TEST_CLOSER") == "client" { Closer::Client } else { Closer::Server };
     match role.as_str() {
         "server" => {
             set_comm(SERVER_COMM);
@@ -164,8 +161,7 @@ fn server(addr: SocketAddr, count: usize, closer: Closer) {
             Err(e) => panic!("server: accept: {e}"),
         };
         conn.set_nonblocking(false).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         match closer {
             // Close at once: the server sends the first FIN.
             Closer::Server => drop(conn),
@@ -193,8 +189,7 @@ fn client(addr: SocketAddr, count: usize, closer: Closer, tolerate: bool) {
             Err(e) => panic!("client: connect: {e}"),
         };
         connected += 1;
-        conn.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         match closer {
             Closer::Client => {
                 drop(conn);
@@ -249,22 +244,12 @@ fn unreachable(addr: SocketAddr) {
     let udp = std::net::UdpSocket::bind(SocketAddr::new(addr.ip(), 0))
         .or_else(|_| std::net::UdpSocket::bind("0.0.0.0:0"))
         .unwrap();
-    let udp_err = udp
-        .connect(addr)
-        .expect_err("no route: UDP connect should fail");
-    println!(
-        "tcp {} udp {}",
-        tcp.raw_os_error().unwrap(),
-        udp_err.raw_os_error().unwrap()
-    );
+    let udp_err = udp.connect(addr).expect_err("no route: UDP connect should fail");
+    println!("tcp {} udp {}", tcp.raw_os_error().unwrap(), udp_err.raw_os_error().unwrap());
 }
 
 fn socket(addr: SocketAddr, kind: i32) -> i32 {
-    let family = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
+    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: plain syscall.
     let fd = unsafe { libc::socket(family, kind, 0) };
     assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
@@ -280,30 +265,18 @@ fn bind(fd: i32, addr: SocketAddr) -> std::io::Result<()> {
                 sa.sin_family = libc::AF_INET as u16;
                 sa.sin_port = a.port().to_be();
                 sa.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
-                libc::bind(
-                    fd,
-                    (&raw const sa).cast(),
-                    size_of::<libc::sockaddr_in>() as u32,
-                )
+                libc::bind(fd, (&raw const sa).cast(), size_of::<libc::sockaddr_in>() as u32)
             }
             SocketAddr::V6(a) => {
                 let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
                 sa.sin6_family = libc::AF_INET6 as u16;
                 sa.sin6_port = a.port().to_be();
                 sa.sin6_addr.s6_addr = a.ip().octets();
-                libc::bind(
-                    fd,
-                    (&raw const sa).cast(),
-                    size_of::<libc::sockaddr_in6>() as u32,
-                )
+                libc::bind(fd, (&raw const sa).cast(), size_of::<libc::sockaddr_in6>() as u32)
             }
         }
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 fn enter_netns(path: &str) {

@@ -19,11 +19,8 @@ pub struct Netns {
 impl Netns {
     pub fn new() -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "twtrace-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let name =
+            format!("twtrace-test-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         run("ip", &["netns", "add", &name]);
         let ns = Self { name };
         ns.exec(&["ip", "link", "set", "lo", "up"]);
@@ -57,17 +54,13 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.name])
-            .status();
+        let _ = Command::new("ip").args(["netns", "delete", &self.name]).status();
     }
 }
 
 pub fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    let out =
+        Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
     assert!(
         out.status.success(),
         "{program} {args:?} failed: {}",
@@ -119,12 +112,7 @@ impl Tracer {
                 panic!("twtrace did not start: {seen}");
             }
         }
-        Self {
-            child,
-            stdout: Some(stdout),
-            stderr: Some(collect(stderr)),
-            stderr_start: seen,
-        }
+        Self { child, stdout: Some(stdout), stderr: Some(collect(stderr)), stderr_start: seen }
     }
 
     /// Stops with `signal` and returns the exit status, stdout and the whole stderr.
@@ -145,11 +133,7 @@ impl Tracer {
         let stdout = self.stdout.take().unwrap().join().unwrap();
         let mut stderr = std::mem::take(&mut self.stderr_start).into_bytes();
         stderr.extend(self.stderr.take().unwrap().join().unwrap());
-        Output {
-            status,
-            stdout,
-            stderr,
-        }
+        Output { status, stdout, stderr }
     }
 
     pub fn stop(self) -> Output {
@@ -178,10 +162,7 @@ pub struct PortSearchSupport {
 impl PortSearchSupport {
     pub fn get() -> &'static Self {
         static SUPPORT: std::sync::OnceLock<PortSearchSupport> = std::sync::OnceLock::new();
-        SUPPORT.get_or_init(|| Self {
-            fexit: can_start("fexit"),
-            kprobe: can_start("kprobe"),
-        })
+        SUPPORT.get_or_init(|| Self { fexit: can_start("fexit"), kprobe: can_start("kprobe") })
     }
 
     pub fn has(&self, mode: &str) -> bool {
@@ -206,14 +187,7 @@ impl PortSearchSupport {
 
 fn can_start(mode: &str) -> bool {
     let mut child = Command::new(TWTRACE)
-        .args([
-            "trace",
-            "--json",
-            "--netns",
-            "1",
-            "--port-search-hooks",
-            mode,
-        ])
+        .args(["trace", "--json", "--netns", "1", "--port-search-hooks", mode])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -17,30 +17,20 @@ use crate::{
 
 pub fn trials() -> Vec<Trial> {
     vec![
-        trial(
-            "trace::client_closes_first_ipv4_time_wait_owned_by_client",
-            || time_wait_scenario(IpAddr::V4(Ipv4Addr::LOCALHOST), Closer::Client),
-        ),
-        trial(
-            "trace::server_closes_first_ipv4_time_wait_owned_by_server",
-            || time_wait_scenario(IpAddr::V4(Ipv4Addr::LOCALHOST), Closer::Server),
-        ),
-        trial(
-            "trace::client_closes_first_ipv6_time_wait_owned_by_client",
-            || time_wait_scenario(IpAddr::V6(Ipv6Addr::LOCALHOST), Closer::Client),
-        ),
-        trial(
-            "trace::server_closes_first_ipv6_time_wait_owned_by_server",
-            || time_wait_scenario(IpAddr::V6(Ipv6Addr::LOCALHOST), Closer::Server),
-        ),
-        trial(
-            "trace::state_filter_time_wait_shows_only_time_wait",
-            state_filter_time_wait,
-        ),
-        trial(
-            "trace::human_output_names_the_owner",
-            human_output_names_the_owner,
-        ),
+        trial("trace::client_closes_first_ipv4_time_wait_owned_by_client", || {
+            time_wait_scenario(IpAddr::V4(Ipv4Addr::LOCALHOST), Closer::Client)
+        }),
+        trial("trace::server_closes_first_ipv4_time_wait_owned_by_server", || {
+            time_wait_scenario(IpAddr::V4(Ipv4Addr::LOCALHOST), Closer::Server)
+        }),
+        trial("trace::client_closes_first_ipv6_time_wait_owned_by_client", || {
+            time_wait_scenario(IpAddr::V6(Ipv6Addr::LOCALHOST), Closer::Client)
+        }),
+        trial("trace::server_closes_first_ipv6_time_wait_owned_by_server", || {
+            time_wait_scenario(IpAddr::V6(Ipv6Addr::LOCALHOST), Closer::Server)
+        }),
+        trial("trace::state_filter_time_wait_shows_only_time_wait", state_filter_time_wait),
+        trial("trace::human_output_names_the_owner", human_output_names_the_owner),
         trial("trace::sigterm_detaches_and_exits_zero", sigterm_exits_zero),
     ]
 }
@@ -70,11 +60,7 @@ fn run_scenario(
     // The last FIN/ACK exchange finishes in microseconds on loopback.
     std::thread::sleep(Duration::from_millis(300));
     let out = tracer.stop();
-    assert!(
-        out.status.success(),
-        "twtrace failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "twtrace failed: {}", String::from_utf8_lossy(&out.stderr));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(" 0 lost"), "events were lost: {stderr}");
     (out.stdout, server_pid, client_pid, port)
@@ -98,28 +84,18 @@ fn time_wait_scenario(ip: IpAddr, closer: Closer) {
         Closer::Client => (client_pid, CLIENT_COMM),
         Closer::Server => (server_pid, SERVER_COMM),
     };
-    assert_eq!(
-        time_waits.len(),
-        CONNECTIONS,
-        "time_wait events: {time_waits:#?}"
-    );
+    assert_eq!(time_waits.len(), CONNECTIONS, "time_wait events: {time_waits:#?}");
     for e in &time_waits {
         assert_eq!(e["pid"], owner_pid, "wrong owner: {e}");
         assert_eq!(e["comm"], owner_comm, "{e}");
         assert_eq!(e["new_state"], "TIME_WAIT", "{e}");
-        assert!(
-            e["old_state"] == "FIN_WAIT2" || e["old_state"] == "CLOSING",
-            "{e}"
-        );
+        assert!(e["old_state"] == "FIN_WAIT2" || e["old_state"] == "CLOSING", "{e}");
         assert_eq!(e["daddr"], ip.to_string(), "{e}");
         match closer {
             Closer::Client => assert_eq!(e["dport"], port, "{e}"),
             Closer::Server => assert_eq!(e["sport"], port, "{e}"),
         }
-        assert!(
-            e["ts"].as_str().is_some_and(|ts| ts.ends_with('Z')),
-            "ts not RFC 3339: {e}"
-        );
+        assert!(e["ts"].as_str().is_some_and(|ts| ts.ends_with('Z')), "ts not RFC 3339: {e}");
     }
 
     // Ground truth from the kernel itself: as many TIME_WAIT sockets as events.
@@ -135,34 +111,20 @@ fn time_wait_scenario(ip: IpAddr, closer: Closer) {
     assert_eq!(connects, CONNECTIONS);
     // ...and the server's half, handled in softirq context before the server acted on
     // it, is attributed to the listener's process, never to the client that was running.
-    let passive_close = if closer == Closer::Client {
-        "CLOSE_WAIT"
-    } else {
-        "FIN_WAIT2"
-    };
-    let server_side: Vec<&Value> = events
-        .iter()
-        .filter(|e| e["sport"] == port && e["new_state"] == passive_close)
-        .collect();
+    let passive_close = if closer == Closer::Client { "CLOSE_WAIT" } else { "FIN_WAIT2" };
+    let server_side: Vec<&Value> =
+        events.iter().filter(|e| e["sport"] == port && e["new_state"] == passive_close).collect();
     assert_eq!(server_side.len(), CONNECTIONS, "{server_side:#?}");
     for e in server_side {
-        assert_eq!(
-            e["pid"], server_pid,
-            "server-side transition misattributed: {e}"
-        );
+        assert_eq!(e["pid"], server_pid, "server-side transition misattributed: {e}");
     }
 }
 
 fn state_filter_time_wait() {
     let ns = Netns::new();
     let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let (stdout, _, client_pid, _) = run_scenario(
-        &ns,
-        ip,
-        Closer::Client,
-        3,
-        &["--json", "--state", "TIME_WAIT"],
-    );
+    let (stdout, _, client_pid, _) =
+        run_scenario(&ns, ip, Closer::Client, 3, &["--json", "--state", "TIME_WAIT"]);
     let events = json_lines(&stdout);
     assert_eq!(events.len(), 3, "{events:#?}");
     for e in &events {
@@ -178,13 +140,8 @@ fn human_output_names_the_owner() {
     let text = String::from_utf8(stdout).unwrap();
     let mut lines = text.lines();
     let header = lines.next().expect("no header");
-    assert!(
-        header.starts_with("TIME") && header.contains("TRANSITION"),
-        "{header}"
-    );
-    let tw: Vec<&str> = lines
-        .filter(|l| l.contains("FIN_WAIT2 -> TIME_WAIT"))
-        .collect();
+    assert!(header.starts_with("TIME") && header.contains("TRANSITION"), "{header}");
+    let tw: Vec<&str> = lines.filter(|l| l.contains("FIN_WAIT2 -> TIME_WAIT")).collect();
     assert_eq!(tw.len(), 2, "{text}");
     for line in tw {
         let cols: Vec<&str> = line.split_whitespace().collect();

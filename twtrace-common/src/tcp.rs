@@ -38,10 +38,7 @@ pub const fn state_name(state: u8) -> &'static str {
 
 /// Inverse of [`state_name`]; accepts an optional `TCP_` prefix, any case.
 pub fn state_from_name(name: &str) -> Option<u8> {
-    let bare = name
-        .strip_prefix("TCP_")
-        .or_else(|| name.strip_prefix("tcp_"))
-        .unwrap_or(name);
+    let bare = name.strip_prefix("TCP_").or_else(|| name.strip_prefix("tcp_")).unwrap_or(name);
     (TCP_ESTABLISHED..=TCP_NEW_SYN_RECV).find(|&s| state_name(s).eq_ignore_ascii_case(bare))
 }
 

@@ -73,13 +73,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
             _ => return 0,
         }
     };
-    report(
-        &call,
-        EventKind::ConnectError,
-        FailureSource::Syscall,
-        errno,
-        skaddr,
-    );
+    report(&call, EventKind::ConnectError, FailureSource::Syscall, errno, skaddr);
     0
 }
 
@@ -100,13 +94,7 @@ pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
         return 0;
     }
     if let Some((sk, IPPROTO_TCP)) = current_socket(call.fd) {
-        report(
-            &call,
-            EventKind::BindError,
-            FailureSource::Syscall,
-            errno,
-            sk,
-        );
+        report(&call, EventKind::BindError, FailureSource::Syscall, errno, sk);
     }
     0
 }
@@ -137,10 +125,7 @@ pub fn resolve_async_failure(failure: &FailureEvent, errno: u32) {
 fn remember_call(ctx: &TracePointContext, kind: u8, fd_offset: u16, addr_offset: u16) {
     // SAFETY: offsets from this kernel's format file for this record.
     let (fd, uaddr) = unsafe {
-        match (
-            ctx.read_at::<u64>(fd_offset.into()),
-            ctx.read_at::<u64>(addr_offset.into()),
-        ) {
+        match (ctx.read_at::<u64>(fd_offset.into()), ctx.read_at::<u64>(addr_offset.into())) {
             (Ok(fd), Ok(addr)) => (fd as u32, addr),
             _ => {
                 count(counters::READ_FAILED);
@@ -182,10 +167,7 @@ fn remember_call(ctx: &TracePointContext, kind: u8, fd_offset: u16, addr_offset:
         // AF_UNSPEC (disconnect), AF_UNIX and others: not ours.
         _ => return,
     }
-    if PENDING_CALLS
-        .insert(&bpf_get_current_pid_tgid(), &call, 0)
-        .is_err()
-    {
+    if PENDING_CALLS.insert(&bpf_get_current_pid_tgid(), &call, 0).is_err() {
         count(counters::SYSCALL_TABLE_FULL);
     }
 }

@@ -48,10 +48,7 @@ pub static SOCK_STATE_LAYOUT: Global<SockStateLayout> = Global::new(SockStateLay
 });
 
 #[unsafe(no_mangle)]
-pub static RESET_LAYOUT: Global<ResetLayout> = Global::new(ResetLayout {
-    skaddr: 0,
-    present: 0,
-});
+pub static RESET_LAYOUT: Global<ResetLayout> = Global::new(ResetLayout { skaddr: 0, present: 0 });
 
 #[unsafe(no_mangle)]
 pub static KERNEL_LAYOUT: Global<KernelLayout> = Global::new(KernelLayout {
@@ -116,20 +113,12 @@ pub static ERROR_REPORT_LAYOUT: Global<ErrorReportLayout> = Global::new(ErrorRep
 });
 
 #[unsafe(no_mangle)]
-pub static CONNECT_LAYOUT: Global<SyscallLayout> = Global::new(SyscallLayout {
-    enter_fd: 0,
-    enter_addr: 0,
-    exit_ret: 0,
-    _pad: 0,
-});
+pub static CONNECT_LAYOUT: Global<SyscallLayout> =
+    Global::new(SyscallLayout { enter_fd: 0, enter_addr: 0, exit_ret: 0, _pad: 0 });
 
 #[unsafe(no_mangle)]
-pub static BIND_LAYOUT: Global<SyscallLayout> = Global::new(SyscallLayout {
-    enter_fd: 0,
-    enter_addr: 0,
-    exit_ret: 0,
-    _pad: 0,
-});
+pub static BIND_LAYOUT: Global<SyscallLayout> =
+    Global::new(SyscallLayout { enter_fd: 0, enter_addr: 0, exit_ret: 0, _pad: 0 });
 
 pub const CALL_CONNECT: u8 = 1;
 pub const CALL_BIND: u8 = 2;

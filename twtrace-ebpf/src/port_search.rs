@@ -79,12 +79,7 @@ pub fn get_port_return(ctx: RetProbeContext) -> u32 {
     let ret: i32 = ctx.ret();
     if let Some(search) = take() {
         if ret != 0 {
-            report(
-                search.sk,
-                get_port_errno(ret),
-                FailureSource::GetPort,
-                search.port,
-            );
+            report(search.sk, get_port_errno(ret), FailureSource::GetPort, search.port);
         }
     }
     0
@@ -93,11 +88,7 @@ pub fn get_port_return(ctx: RetProbeContext) -> u32 {
 /// inet_csk_get_port returned 1 for "in use" before Linux 4.6, a negative errno since.
 #[inline(always)]
 fn get_port_errno(ret: i32) -> u32 {
-    if ret > 0 {
-        EADDRINUSE
-    } else {
-        ret.unsigned_abs()
-    }
+    if ret > 0 { EADDRINUSE } else { ret.unsigned_abs() }
 }
 
 #[inline(always)]
@@ -105,15 +96,8 @@ fn remember(sk: Option<u64>, port: u16) {
     let Some(sk) = sk else {
         return;
     };
-    let search = PortSearch {
-        sk,
-        port,
-        _pad: [0; 6],
-    };
-    if PORT_SEARCHES
-        .insert(&bpf_get_current_pid_tgid(), &search, 0)
-        .is_err()
-    {
+    let search = PortSearch { sk, port, _pad: [0; 6] };
+    if PORT_SEARCHES.insert(&bpf_get_current_pid_tgid(), &search, 0).is_err() {
         count(counters::SYSCALL_TABLE_FULL);
     }
 }

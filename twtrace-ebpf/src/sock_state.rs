@@ -70,10 +70,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
     };
     if t.family != AF_INET && t.family != AF_INET6 {
-        warn!(
-            ctx,
-            "inet_sock_set_state: unexpected address family {}", t.family
-        );
+        warn!(ctx, "inet_sock_set_state: unexpected address family {}", t.family);
         return Ok(());
     }
     let mut saddr = [0u8; 16];
@@ -83,13 +80,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         if t.family == AF_INET {
             read_addrs::<4>(ctx, layout.saddr, layout.daddr, &mut saddr, &mut daddr)
         } else {
-            read_addrs::<16>(
-                ctx,
-                layout.saddr_v6,
-                layout.daddr_v6,
-                &mut saddr,
-                &mut daddr,
-            )
+            read_addrs::<16>(ctx, layout.saddr_v6, layout.daddr_v6, &mut saddr, &mut daddr)
         }
     };
     if read.is_err() {
@@ -124,11 +115,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         sport: t.sport,
         dport: t.dport,
         old_state: t.old,
-        new_state: if kind == EventKind::TimeWait {
-            tcp::TCP_TIME_WAIT
-        } else {
-            t.new
-        },
+        new_state: if kind == EventKind::TimeWait { tcp::TCP_TIME_WAIT } else { t.new },
         attribution: attribution as u8,
         _pad: [0; 3],
         saddr,
@@ -303,10 +290,7 @@ fn track_socket(
     }
 
     if t.new == tcp::TCP_LISTEN {
-        if LISTENERS
-            .insert(&listener_key(netns, t.sport), &task, 0)
-            .is_err()
-        {
+        if LISTENERS.insert(&listener_key(netns, t.sport), &task, 0).is_err() {
             count(counters::LISTENER_TABLE_FULL);
             warn!(
                 ctx,

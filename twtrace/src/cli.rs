@@ -5,7 +5,9 @@ use std::{net::IpAddr, path::PathBuf};
 use clap::{Args, Parser, Subcommand};
 use twtrace_common::tcp;
 
-use crate::{event::Family, filter::Filter, loader, loader::PortSearchHooks};
+use crate::{
+    event::Family, filter::Filter, loader, loader::PortSearchHooks, session::writer::Rotation,
+};
 
 /// Live-trace TCP state changes and TIME_WAIT, attributed to the real process.
 ///
@@ -14,12 +16,7 @@ use crate::{event::Family, filter::Filter, loader, loader::PortSearchHooks};
 /// transition in softirq context (where other tools print pid 0 or a bystander).
 /// Needs root (or CAP_BPF + CAP_PERFMON).
 #[derive(Debug, Parser)]
-#[command(
-    name = "twtrace",
-    version,
-    propagate_version = true,
-    max_term_width = 100
-)]
+#[command(name = "twtrace", version, propagate_version = true, max_term_width = 100)]
 pub struct Cli {
     /// More diagnostics on stderr (-v: info, -vv: debug, -vvv: trace, kernel side included).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -45,6 +42,33 @@ pub enum Command {
     ///   twtrace trace --failed              failed connects (EADDRNOTAVAIL, ECONNREFUSED…)
     #[command(verbatim_doc_comment)]
     Trace(TraceArgs),
+
+    /// Record events to a file until Ctrl-C or the end of --duration.
+    ///
+    /// The file is twtrace's compact binary format (docs/recording-format.md), created
+    /// mode 0600. It survives crashes: after a kill or a power loss, everything written
+    /// up to about a second before is readable. Read it with `replay` or `export`.
+    ///
+    /// Examples:
+    ///   twtrace record -o night.twtrace --duration 8h
+    ///   twtrace record -o cap.twtrace --rotate 100MB --keep 20 --failed
+    #[command(verbatim_doc_comment)]
+    Record(RecordArgs),
+
+    /// Print a recording as `trace` printed it live (same formats, same filters).
+    ///
+    /// Examples:
+    ///   twtrace replay night.twtrace --state TIME_WAIT
+    ///   twtrace replay cap.*.twtrace --json --failed
+    #[command(verbatim_doc_comment)]
+    Replay(ReplayArgs),
+
+    /// Convert a recording to JSON Lines or CSV.
+    ///
+    /// Examples:
+    ///   twtrace export night.twtrace --format csv -o night.csv
+    #[command(verbatim_doc_comment)]
+    Export(ExportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -53,11 +77,124 @@ pub struct TraceArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// Also record the events shown to this file (see `twtrace record`).
+    #[arg(long, value_name = "FILE")]
+    pub write: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub recording: RecordingArgs,
+
     #[command(flatten)]
     pub filter: FilterArgs,
 
     #[command(flatten)]
     pub kernel: KernelArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    /// The recording to write (replaced if it exists).
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+
+    /// Stop after this long, e.g. 30s, 10m, 8h.
+    #[arg(long, value_name = "DURATION")]
+    pub duration: Option<DurationArg>,
+
+    #[command(flatten)]
+    pub recording: RecordingArgs,
+
+    #[command(flatten)]
+    pub filter: FilterArgs,
+
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+}
+
+/// How recordings are written.
+#[derive(Debug, Args, Clone, Copy)]
+#[command(next_help_heading = "Recording")]
+pub struct RecordingArgs {
+    /// Start a new file after this size (e.g. 100MB) or age (e.g. 1h). Files are then
+    /// numbered: FILE.0001.twtrace, FILE.0002.twtrace, …
+    #[arg(long, value_name = "SIZE|AGE")]
+    pub rotate: Option<Rotation>,
+
+    /// With --rotate, keep only the newest N files, so a long capture cannot fill the disk.
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub keep: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Recordings to read, in order (rotated files: FILE.*.twtrace).
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+
+    /// Print JSON Lines instead of aligned columns.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Recordings to read, in order.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+    pub format: ExportFormat,
+
+    /// Write here instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// JSON Lines, the schema of `trace --json`.
+    Jsonl,
+    /// Comma-separated values with a header row.
+    Csv,
+}
+
+/// A duration like `30s`, `10m`, `8h` (or plain seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationArg(std::time::Duration);
+
+impl From<DurationArg> for std::time::Duration {
+    fn from(d: DurationArg) -> Self {
+        d.0
+    }
+}
+
+impl std::str::FromStr for DurationArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (digits, unit) = t.split_at(split);
+        let n: u64 =
+            digits.parse().map_err(|_| format!("`{s}` is not a duration like 30s, 10m or 8h"))?;
+        let secs = match unit {
+            "" | "s" => n,
+            "m" => n * 60,
+            "h" => n * 3600,
+            _ => return Err(format!("`{s}`: use s, m or h, e.g. 30s, 10m, 8h")),
+        };
+        if secs == 0 {
+            return Err("the duration must be at least 1s".into());
+        }
+        Ok(Self(std::time::Duration::from_secs(secs)))
+    }
 }
 
 /// Event filters shared by the commands that print events.
@@ -176,14 +313,10 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
         t if t.ends_with('G') => (t[..t.len() - 1].to_owned(), 1u64 << 30),
         t => (t, 1),
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size like 512K, 4M or 1G"))?;
+    let n: u64 = digits.parse().map_err(|_| format!("`{s}` is not a size like 512K, 4M or 1G"))?;
     let bytes = n.saturating_mul(unit);
     if !bytes.is_power_of_two() || !(4096..=(1 << 30)).contains(&bytes) {
-        return Err(format!(
-            "ring buffer size must be a power of two from 4K to 1G, got `{s}`"
-        ));
+        return Err(format!("ring buffer size must be a power of two from 4K to 1G, got `{s}`"));
     }
     Ok(bytes as u32)
 }
@@ -210,6 +343,31 @@ mod tests {
     }
 
     #[test]
+    fn recording_options_parse() {
+        let cli = Cli::try_parse_from([
+            "twtrace",
+            "record",
+            "-o",
+            "x.twtrace",
+            "--duration",
+            "10m",
+            "--rotate",
+            "100MB",
+            "--keep",
+            "3",
+        ])
+        .unwrap();
+        let Command::Record(args) = cli.command else { panic!() };
+        assert_eq!(args.duration, Some(DurationArg(std::time::Duration::from_secs(600))));
+        assert_eq!(args.recording.rotate, Some(Rotation::Size(100 << 20)));
+        assert_eq!(args.recording.keep, 3);
+        assert!(Cli::try_parse_from(["twtrace", "record"]).is_err(), "-o is required");
+        assert!(Cli::try_parse_from(["twtrace", "record", "-o", "x", "--duration", "0s"]).is_err());
+        assert!(Cli::try_parse_from(["twtrace", "replay"]).is_err(), "a file is required");
+        assert!(Cli::try_parse_from(["twtrace", "export", "x", "--format", "xml"]).is_err());
+    }
+
+    #[test]
     fn states_by_kernel_name() {
         assert_eq!(parse_state("TIME_WAIT"), Ok(tcp::TCP_TIME_WAIT));
         assert_eq!(parse_state("time_wait"), Ok(tcp::TCP_TIME_WAIT));
@@ -233,7 +391,7 @@ mod tests {
             "::1",
         ])
         .unwrap();
-        let Command::Trace(args) = cli.command;
+        let Command::Trace(args) = cli.command else { panic!() };
         let f = args.filter.to_filter();
         assert_eq!(f.pids, vec![1, 2]);
         assert_eq!(f.ports, vec![80]);

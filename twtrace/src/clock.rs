@@ -9,10 +9,7 @@ pub struct Clock {
 }
 
 fn now_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid clock id and out-pointer.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
@@ -22,16 +19,12 @@ impl Clock {
     pub fn anchor_now() -> Self {
         let mono = now_ns(libc::CLOCK_MONOTONIC);
         let real = now_ns(libc::CLOCK_REALTIME);
-        Self {
-            realtime_minus_monotonic_ns: real - mono,
-        }
+        Self { realtime_minus_monotonic_ns: real - mono }
     }
 
     /// A clock with a known anchor (recordings carry theirs).
     pub const fn from_offset(realtime_minus_monotonic_ns: i128) -> Self {
-        Self {
-            realtime_minus_monotonic_ns,
-        }
+        Self { realtime_minus_monotonic_ns }
     }
 
     pub const fn offset_ns(&self) -> i128 {

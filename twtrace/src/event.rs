@@ -15,17 +15,13 @@ pub enum DecodeError {
     #[error("unknown event kind {0}")]
     UnknownKind(u8),
     #[error("event kind {kind} has an invalid {field} ({value})")]
-    BadField {
-        kind: u8,
-        field: &'static str,
-        value: u64,
-    },
+    BadField { kind: u8, field: &'static str, value: u64 },
     #[error("event kind {kind} has layout version {version}, newer than this twtrace understands")]
     UnsupportedVersion { kind: u8, version: u8 },
 }
 
 /// Address family of a socket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Family {
     Ipv4,
     Ipv6,
@@ -41,7 +37,7 @@ impl Family {
 }
 
 /// The process an event is attributed to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub struct Owner {
     pub pid: u32,
     pub tid: u32,
@@ -55,12 +51,13 @@ impl Owner {
 
     /// The command name, up to the first NUL; invalid UTF-8 is replaced.
     pub fn comm(&self) -> std::borrow::Cow<'_, str> {
-        let len = self
-            .comm
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(self.comm.len());
-        String::from_utf8_lossy(&self.comm[..len])
+        String::from_utf8_lossy(self.comm_bytes())
+    }
+
+    /// The command name's bytes, up to the first NUL.
+    pub fn comm_bytes(&self) -> &[u8] {
+        let len = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
+        &self.comm[..len]
     }
 }
 
@@ -183,11 +180,7 @@ impl Event {
 fn read<T: Copy>(bytes: &[u8], kind: u8) -> Result<T, DecodeError> {
     let need = size_of::<T>();
     if bytes.len() < need {
-        return Err(DecodeError::Truncated {
-            kind,
-            len: bytes.len(),
-            need,
-        });
+        return Err(DecodeError::Truncated { kind, len: bytes.len(), need });
     }
     // SAFETY: length checked above; T is a repr(C) plain-old-data layout; unaligned read.
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
@@ -200,10 +193,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         if header.version == supported {
             Ok(())
         } else {
-            Err(DecodeError::UnsupportedVersion {
-                kind: header.kind,
-                version: header.version,
-            })
+            Err(DecodeError::UnsupportedVersion { kind: header.kind, version: header.version })
         }
     };
     match EventKind::from_u8(header.kind) {
@@ -215,11 +205,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         Some(kind @ (EventKind::ConnectError | EventKind::BindError)) => {
             check_version(FailureEvent::VERSION)?;
             let raw: FailureEvent = read(bytes, header.kind)?;
-            let call = if kind == EventKind::BindError {
-                Call::Bind
-            } else {
-                Call::Connect
-            };
+            let call = if kind == EventKind::BindError { Call::Bind } else { Call::Connect };
             Ok(Event::Failure(failure(&raw, call)?))
         }
         None => Err(DecodeError::UnknownKind(header.kind)),
@@ -227,11 +213,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
 }
 
 fn failure(raw: &FailureEvent, call: Call) -> Result<Failure, DecodeError> {
-    let family = if raw.family == AF_INET6 {
-        Family::Ipv6
-    } else {
-        Family::Ipv4
-    };
+    let family = if raw.family == AF_INET6 { Family::Ipv6 } else { Family::Ipv4 };
     let attribution = Attribution::from_u8(raw.attribution);
     let source = FailureSource::from_u8(raw.source).ok_or(DecodeError::BadField {
         kind: raw.header.kind,
@@ -271,11 +253,7 @@ fn addr(family: Family, bytes: [u8; 16]) -> IpAddr {
 }
 
 fn state_change(raw: &SockStateEvent) -> StateChange {
-    let family = if raw.family == AF_INET6 {
-        Family::Ipv6
-    } else {
-        Family::Ipv4
-    };
+    let family = if raw.family == AF_INET6 { Family::Ipv6 } else { Family::Ipv4 };
     debug_assert!(raw.family == AF_INET || raw.family == AF_INET6);
     let attribution = Attribution::from_u8(raw.attribution);
     StateChange {
@@ -336,11 +314,7 @@ pub(crate) mod tests {
             },
             skaddr: 0xffff_8880_0000_1000,
             prev_state_ns: 1_500_000,
-            task: Task {
-                pid: 1234,
-                tid: 1235,
-                comm,
-            },
+            task: Task { pid: 1234, tid: 1235, comm },
             netns: 4026531840,
             family,
             sport: 40000,
@@ -366,9 +340,7 @@ pub(crate) mod tests {
     #[test]
     fn decodes_ipv4_time_wait() {
         let raw = raw_state(EventKind::TimeWait, AF_INET);
-        let Event::State(s) = decode(bytes_of(&raw)).unwrap() else {
-            panic!()
-        };
+        let Event::State(s) = decode(bytes_of(&raw)).unwrap() else { panic!() };
         assert!(s.time_wait);
         assert_eq!(s.kind_name(), "time_wait");
         assert_eq!(s.saddr, "127.0.0.1".parse::<IpAddr>().unwrap());
@@ -376,19 +348,14 @@ pub(crate) mod tests {
         assert_eq!((s.sport, s.dport), (40000, 8080));
         assert_eq!(s.owner.unwrap().pid, 1234);
         assert_eq!(s.owner.unwrap().comm(), "curl");
-        assert_eq!(
-            (s.old_state_name(), s.new_state_name()),
-            ("FIN_WAIT2", "TIME_WAIT")
-        );
+        assert_eq!((s.old_state_name(), s.new_state_name()), ("FIN_WAIT2", "TIME_WAIT"));
         assert_eq!(s.prev_state_ns, Some(1_500_000));
     }
 
     #[test]
     fn decodes_ipv6_state() {
         let raw = raw_state(EventKind::State, AF_INET6);
-        let Event::State(s) = decode(bytes_of(&raw)).unwrap() else {
-            panic!()
-        };
+        let Event::State(s) = decode(bytes_of(&raw)).unwrap() else { panic!() };
         assert!(!s.time_wait);
         assert_eq!(s.family, Family::Ipv6);
         assert_eq!(s.daddr, "fd00::2".parse::<IpAddr>().unwrap());
@@ -399,9 +366,7 @@ pub(crate) mod tests {
     fn unknown_owner_has_no_process() {
         let mut raw = raw_state(EventKind::State, AF_INET);
         raw.attribution = Attribution::Unknown as u8;
-        let Event::State(s) = decode(bytes_of(&raw)).unwrap() else {
-            panic!()
-        };
+        let Event::State(s) = decode(bytes_of(&raw)).unwrap() else { panic!() };
         assert_eq!(s.owner, None);
     }
 
@@ -409,20 +374,11 @@ pub(crate) mod tests {
     fn rejects_short_unknown_and_newer_records() {
         let raw = raw_state(EventKind::State, AF_INET);
         let bytes = bytes_of(&raw);
-        assert!(matches!(
-            decode(&bytes[..20]),
-            Err(DecodeError::Truncated { need: 104, .. })
-        ));
-        assert!(matches!(
-            decode(&bytes[..3]),
-            Err(DecodeError::Truncated { need: 16, .. })
-        ));
+        assert!(matches!(decode(&bytes[..20]), Err(DecodeError::Truncated { need: 104, .. })));
+        assert!(matches!(decode(&bytes[..3]), Err(DecodeError::Truncated { need: 16, .. })));
         let mut unknown = raw;
         unknown.header.kind = 200;
-        assert_eq!(
-            decode(bytes_of(&unknown)),
-            Err(DecodeError::UnknownKind(200))
-        );
+        assert_eq!(decode(bytes_of(&unknown)), Err(DecodeError::UnknownKind(200)));
         let mut newer = raw;
         newer.header.version = 9;
         assert!(matches!(
@@ -445,11 +401,7 @@ pub(crate) mod tests {
                 ts_ns: 7,
             },
             skaddr: 0xffff_8880_0000_2000,
-            task: Task {
-                pid: 77,
-                tid: 78,
-                comm,
-            },
+            task: Task { pid: 77, tid: 78, comm },
             netns: 4026531840,
             errno,
             family: AF_INET,
@@ -470,9 +422,7 @@ pub(crate) mod tests {
     #[test]
     fn decodes_connect_error() {
         let raw = raw_failure(EventKind::ConnectError, 99);
-        let Event::Failure(f) = decode(bytes_of(&raw)).unwrap() else {
-            panic!()
-        };
+        let Event::Failure(f) = decode(bytes_of(&raw)).unwrap() else { panic!() };
         assert_eq!(f.kind_name(), "connect_error");
         assert_eq!(f.error_name(), "EADDRNOTAVAIL");
         assert_eq!(f.source_name(), "syscall");
@@ -481,10 +431,7 @@ pub(crate) mod tests {
         assert_eq!(f.dport, 5432);
         assert_eq!(f.skaddr, Some(0xffff_8880_0000_2000));
         let ctx = f.context.unwrap();
-        assert_eq!(
-            (ctx.port_range, ctx.tcp_tw_reuse),
-            (Some((40000, 40009)), Some(0))
-        );
+        assert_eq!((ctx.port_range, ctx.tcp_tw_reuse), (Some((40000, 40009)), Some(0)));
     }
 
     #[test]
@@ -493,10 +440,7 @@ pub(crate) mod tests {
         raw.source = 99;
         assert!(matches!(
             decode(bytes_of(&raw)),
-            Err(DecodeError::BadField {
-                field: "source",
-                ..
-            })
+            Err(DecodeError::BadField { field: "source", .. })
         ));
         assert!(matches!(
             decode(&bytes_of(&raw)[..103]),

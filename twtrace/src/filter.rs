@@ -86,70 +86,22 @@ mod tests {
         let ev = time_wait_event();
         let yes = |f: Filter| assert!(f.matches(&ev), "{f:?} should match");
         let no = |f: Filter| assert!(!f.matches(&ev), "{f:?} should not match");
-        yes(Filter {
-            pids: vec![1, 1234],
-            ..Default::default()
-        });
-        no(Filter {
-            pids: vec![1],
-            ..Default::default()
-        });
-        yes(Filter {
-            comms: vec!["curl".into()],
-            ..Default::default()
-        });
-        no(Filter {
-            comms: vec!["cur".into()],
-            ..Default::default()
-        });
-        yes(Filter {
-            ports: vec![40000],
-            ..Default::default()
-        });
-        yes(Filter {
-            ports: vec![8080],
-            ..Default::default()
-        });
-        no(Filter {
-            ports: vec![80],
-            ..Default::default()
-        });
-        yes(Filter {
-            daddrs: vec!["10.1.2.3".parse().unwrap()],
-            ..Default::default()
-        });
-        yes(Filter {
-            daddrs: vec!["::ffff:10.1.2.3".parse().unwrap()],
-            ..Default::default()
-        });
-        no(Filter {
-            daddrs: vec!["127.0.0.1".parse().unwrap()],
-            ..Default::default()
-        });
-        yes(Filter {
-            states: vec![tcp::TCP_TIME_WAIT],
-            ..Default::default()
-        });
-        no(Filter {
-            states: vec![tcp::TCP_CLOSE],
-            ..Default::default()
-        });
-        yes(Filter {
-            family: Some(Family::Ipv4),
-            ..Default::default()
-        });
-        no(Filter {
-            family: Some(Family::Ipv6),
-            ..Default::default()
-        });
-        yes(Filter {
-            netns: vec![4026531840],
-            ..Default::default()
-        });
-        no(Filter {
-            netns: vec![1],
-            ..Default::default()
-        });
+        yes(Filter { pids: vec![1, 1234], ..Default::default() });
+        no(Filter { pids: vec![1], ..Default::default() });
+        yes(Filter { comms: vec!["curl".into()], ..Default::default() });
+        no(Filter { comms: vec!["cur".into()], ..Default::default() });
+        yes(Filter { ports: vec![40000], ..Default::default() });
+        yes(Filter { ports: vec![8080], ..Default::default() });
+        no(Filter { ports: vec![80], ..Default::default() });
+        yes(Filter { daddrs: vec!["10.1.2.3".parse().unwrap()], ..Default::default() });
+        yes(Filter { daddrs: vec!["::ffff:10.1.2.3".parse().unwrap()], ..Default::default() });
+        no(Filter { daddrs: vec!["127.0.0.1".parse().unwrap()], ..Default::default() });
+        yes(Filter { states: vec![tcp::TCP_TIME_WAIT], ..Default::default() });
+        no(Filter { states: vec![tcp::TCP_CLOSE], ..Default::default() });
+        yes(Filter { family: Some(Family::Ipv4), ..Default::default() });
+        no(Filter { family: Some(Family::Ipv6), ..Default::default() });
+        yes(Filter { netns: vec![4026531840], ..Default::default() });
+        no(Filter { netns: vec![1], ..Default::default() });
     }
 
     #[test]
@@ -157,66 +109,27 @@ mod tests {
         use crate::event::tests::raw_failure;
         let failure = decode(bytes_of(&raw_failure(EventKind::ConnectError, 99))).unwrap();
         let tw = time_wait_event();
-        let failed = Filter {
-            failed: true,
-            ..Default::default()
-        };
+        let failed = Filter { failed: true, ..Default::default() };
         assert!(failed.matches(&failure) && !failed.matches(&tw));
-        let state = Filter {
-            states: vec![tcp::TCP_TIME_WAIT],
-            ..Default::default()
-        };
+        let state = Filter { states: vec![tcp::TCP_TIME_WAIT], ..Default::default() };
         assert!(!state.matches(&failure) && state.matches(&tw));
-        let both = Filter {
-            failed: true,
-            states: vec![tcp::TCP_TIME_WAIT],
-            ..Default::default()
-        };
+        let both = Filter { failed: true, states: vec![tcp::TCP_TIME_WAIT], ..Default::default() };
         assert!(both.matches(&failure) && both.matches(&tw));
         assert!(Filter::default().matches(&failure));
+        assert!(Filter { ports: vec![5432], ..Default::default() }.matches(&failure));
         assert!(
-            Filter {
-                ports: vec![5432],
-                ..Default::default()
-            }
-            .matches(&failure)
+            Filter { daddrs: vec!["10.0.0.7".parse().unwrap()], ..Default::default() }
+                .matches(&failure)
         );
-        assert!(
-            Filter {
-                daddrs: vec!["10.0.0.7".parse().unwrap()],
-                ..Default::default()
-            }
-            .matches(&failure)
-        );
-        assert!(
-            !Filter {
-                pids: vec![1],
-                ..Default::default()
-            }
-            .matches(&failure)
-        );
+        assert!(!Filter { pids: vec![1], ..Default::default() }.matches(&failure));
     }
 
     #[test]
     fn unknown_owner_never_matches_a_pid_or_comm() {
-        let Event::State(mut s) = time_wait_event() else {
-            panic!()
-        };
+        let Event::State(mut s) = time_wait_event() else { panic!() };
         s.owner = None;
         let ev = Event::State(s);
-        assert!(
-            !Filter {
-                pids: vec![1234],
-                ..Default::default()
-            }
-            .matches(&ev)
-        );
-        assert!(
-            !Filter {
-                comms: vec!["curl".into()],
-                ..Default::default()
-            }
-            .matches(&ev)
-        );
+        assert!(!Filter { pids: vec![1234], ..Default::default() }.matches(&ev));
+        assert!(!Filter { comms: vec!["curl".into()], ..Default::default() }.matches(&ev));
     }
 }

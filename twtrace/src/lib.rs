@@ -15,4 +15,5 @@ pub mod model;
 pub mod output;
 pub mod pipeline;
 pub mod privileges;
+pub mod session;
 pub mod tracefs;

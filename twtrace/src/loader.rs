@@ -48,10 +48,8 @@ pub enum PortSearchHooks {
 }
 
 /// The programs of one way of hooking the port search: (program, kernel function).
-const FEXIT_PROGRAMS: [(&str, &str); 2] = [
-    ("hash_connect_fexit", "__inet_hash_connect"),
-    ("get_port_fexit", "inet_csk_get_port"),
-];
+const FEXIT_PROGRAMS: [(&str, &str); 2] =
+    [("hash_connect_fexit", "__inet_hash_connect"), ("get_port_fexit", "inet_csk_get_port")];
 const KPROBE_PROGRAMS: [(&str, &str); 4] = [
     ("hash_connect_entry", "__inet_hash_connect"),
     ("hash_connect_return", "__inet_hash_connect"),
@@ -71,6 +69,11 @@ pub struct Tracer {
 impl Tracer {
     /// Checks the kernel, loads and attaches everything.
     pub fn start(opts: &Options) -> anyhow::Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            bail!(
+                "this twtrace was built without its eBPF programs (AYA_BUILD_SKIP): rebuild it with `./x build`"
+            );
+        }
         let tracefs = tracefs::ensure_mounted()?;
         let btf = kernel_btf::load(opts.btf.as_deref())?;
         let kernel_layout = kernel_btf::kernel_layout(&btf)
@@ -96,12 +99,7 @@ impl Tracer {
             .context("failed to load the eBPF programs into the kernel")?;
 
         let mut tracepoints = Vec::new();
-        attach_tracepoint(
-            &mut ebpf,
-            "inet_sock_set_state",
-            "sock",
-            "inet_sock_set_state",
-        )?;
+        attach_tracepoint(&mut ebpf, "inet_sock_set_state", "sock", "inet_sock_set_state")?;
         tracepoints.push("sock:inet_sock_set_state".to_owned());
         if reset_layout.present != 0 {
             attach_tracepoint(&mut ebpf, "tcp_receive_reset", "tcp", "tcp_receive_reset")?;
@@ -130,12 +128,7 @@ impl Tracer {
         }
         let port_search = attach_port_search(&mut ebpf, opts.port_search_hooks)?;
         if error_layout.present != 0 {
-            attach_tracepoint(
-                &mut ebpf,
-                "inet_sk_error_report",
-                "sock",
-                "inet_sk_error_report",
-            )?;
+            attach_tracepoint(&mut ebpf, "inet_sk_error_report", "sock", "inet_sk_error_report")?;
             tracepoints.push("sock:inet_sk_error_report".to_owned());
         } else {
             log::warn!(
@@ -143,19 +136,12 @@ impl Tracer {
                  of non-blocking connects will not be reported"
             );
         }
-        Ok(Self {
-            ebpf,
-            tracepoints,
-            port_search,
-        })
+        Ok(Self { ebpf, tracepoints, port_search })
     }
 
     /// The event ring buffer (can be taken once).
     pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
-        let map = self
-            .ebpf
-            .take_map("EVENTS")
-            .context("the EVENTS map was already taken")?;
+        let map = self.ebpf.take_map("EVENTS").context("the EVENTS map was already taken")?;
         RingBuf::try_from(map).context("EVENTS is not a ring buffer")
     }
 
@@ -168,17 +154,13 @@ impl Tracer {
 
     /// Reads the kernel-side counters (see `twtrace_common::counters`), summed over CPUs.
     pub fn counters(&self) -> anyhow::Result<[u64; counters::COUNT as usize]> {
-        let map = self
-            .ebpf
-            .map("COUNTERS")
-            .context("the COUNTERS map is missing")?;
+        let map = self.ebpf.map("COUNTERS").context("the COUNTERS map is missing")?;
         let array =
             PerCpuArray::<_, u64>::try_from(map).context("COUNTERS is not a per-CPU array")?;
         let mut out = [0u64; counters::COUNT as usize];
         for (i, slot) in out.iter_mut().enumerate() {
-            let values = array
-                .get(&(i as u32), 0)
-                .with_context(|| format!("failed to read counter {i}"))?;
+            let values =
+                array.get(&(i as u32), 0).with_context(|| format!("failed to read counter {i}"))?;
             *slot = values.iter().sum();
         }
         Ok(out)
@@ -196,16 +178,14 @@ fn attach_port_search(
             let prog: &mut FExit = program_mut(ebpf, program)?;
             prog.load(function, &btf)
                 .with_context(|| format!("fexit on {function}: load failed"))?;
-            prog.attach()
-                .with_context(|| format!("fexit on {function}: attach failed"))?;
+            prog.attach().with_context(|| format!("fexit on {function}: attach failed"))?;
         }
         Ok(())
     };
     let try_kprobe = |ebpf: &mut Ebpf| -> anyhow::Result<()> {
         for (program, function) in KPROBE_PROGRAMS {
             let prog: &mut KProbe = program_mut(ebpf, program)?;
-            prog.load()
-                .with_context(|| format!("kprobe on {function}: load failed"))?;
+            prog.load().with_context(|| format!("kprobe on {function}: load failed"))?;
             prog.attach(function, 0)
                 .with_context(|| format!("kprobe on {function}: attach failed"))?;
         }
@@ -275,8 +255,7 @@ fn attach_tracepoint(
         .with_context(|| format!("program {program} is missing from the eBPF object"))?
         .try_into()
         .with_context(|| format!("program {program} is not a tracepoint program"))?;
-    prog.load()
-        .with_context(|| format!("the kernel rejected the {program} program"))?;
+    prog.load().with_context(|| format!("the kernel rejected the {program} program"))?;
     prog.attach(category, name)
         .with_context(|| format!("failed to attach to tracepoint {category}:{name}"))?;
     Ok(())
@@ -368,15 +347,9 @@ fn syscall_layout(
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it where allowed.
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: valid pointer to an initialised rlimit.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        log::debug!(
-            "could not raise RLIMIT_MEMLOCK: {}",
-            std::io::Error::last_os_error()
-        );
+        log::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
     }
 }

@@ -13,15 +13,9 @@ fn main() -> ExitCode {
         2 => log::LevelFilter::Debug,
         _ => log::LevelFilter::Trace,
     };
-    env_logger::Builder::new()
-        .filter_level(level)
-        .parse_env("TWTRACE_LOG")
-        .init();
+    env_logger::Builder::new().filter_level(level).parse_env("TWTRACE_LOG").init();
 
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("twtrace: error: failed to start the async runtime: {e}");
@@ -30,7 +24,10 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Trace(args) => twtrace::cmd::trace::run(args, cli.verbose).await,
+            Command::Trace(args) => twtrace::cmd::trace::trace(args, cli.verbose).await,
+            Command::Record(args) => twtrace::cmd::trace::record(args, cli.verbose).await,
+            Command::Replay(args) => twtrace::cmd::replay::replay(args),
+            Command::Export(args) => twtrace::cmd::replay::export(args),
         }
     });
     match result {

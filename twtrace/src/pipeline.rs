@@ -1,4 +1,8 @@
-//! The userspace half of the data path: decode -> model -> filter -> sink, with counts.
+//! The userspace half of the data path: decode -> model -> filter -> sinks (an output
+//! format, a recording), with counts. Live tracing and replay share it, so a replay prints
+//! exactly what the live trace printed.
+
+use twtrace_common::counters;
 
 use crate::{
     clock::Clock,
@@ -6,6 +10,7 @@ use crate::{
     filter::Filter,
     model::Model,
     output::EventSink,
+    session::writer::RecordingWriter,
 };
 
 /// Event counts for the summary at exit.
@@ -20,15 +25,31 @@ pub struct Tally {
 
 pub struct Pipeline {
     pub filter: Filter,
-    pub sink: Box<dyn EventSink>,
+    pub sink: Option<Box<dyn EventSink>>,
+    pub recorder: Option<RecordingWriter>,
     pub clock: Clock,
-    pub model: Model,
+    /// Adds context to failures. None when replaying: recorded events carry theirs.
+    pub model: Option<Model>,
     pub tally: Tally,
+    /// Kernel-side counters as last reported (cumulative).
+    losses: [u64; counters::COUNT as usize],
 }
 
 impl Pipeline {
+    pub fn new(filter: Filter, clock: Clock, model: Option<Model>) -> Self {
+        Self {
+            filter,
+            sink: None,
+            recorder: None,
+            clock,
+            model,
+            tally: Tally::default(),
+            losses: [0; counters::COUNT as usize],
+        }
+    }
+
     /// Handles one kernel record.
-    pub fn record(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+    pub fn record(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         self.tally.seen += 1;
         match event::decode(bytes) {
             Ok(event) => self.event(event),
@@ -41,24 +62,95 @@ impl Pipeline {
     }
 
     /// Handles one decoded event.
-    pub fn event(&mut self, mut event: Event) -> std::io::Result<()> {
-        self.model.observe(&mut event);
+    pub fn event(&mut self, mut event: Event) -> anyhow::Result<()> {
+        if let Some(model) = &mut self.model {
+            model.observe(&mut event);
+        }
         match &event {
             Event::State(s) => self.tally.time_wait += u64::from(s.time_wait),
             Event::Failure(_) => self.tally.failures += 1,
         }
         if self.filter.matches(&event) {
             self.tally.shown += 1;
-            self.sink.write_event(&event, &self.clock)?;
+            if let Some(sink) = &mut self.sink {
+                sink.write_event(&event, &self.clock)?;
+            }
+            if let Some(recorder) = &mut self.recorder {
+                recorder.event(&event)?;
+            }
         }
         Ok(())
     }
 
-    pub fn summary(&self, lost: u64) -> String {
+    /// Reports on stderr whatever the kernel side could not do since the last call
+    /// (`counters` are cumulative), and records it.
+    pub fn losses(&mut self, ts_ns: u64, counters: &[u64]) -> anyhow::Result<()> {
+        let mut changed = false;
+        for (i, (&n, prev)) in counters.iter().zip(self.losses.iter_mut()).enumerate() {
+            if n > *prev {
+                let hint = match i as u32 {
+                    counters::RINGBUF_FULL => "; raise --ring-buffer-size",
+                    counters::SOCKET_TABLE_FULL => "; raise --max-sockets",
+                    _ => "",
+                };
+                eprintln!("twtrace: warning: {} x {}{hint}", n - *prev, counters::NAMES[i]);
+                *prev = n;
+                changed = true;
+            }
+        }
+        if changed && let Some(recorder) = &mut self.recorder {
+            recorder.lost(ts_ns, counters)?;
+        }
+        Ok(())
+    }
+
+    /// Events the kernel side dropped (ring buffer full).
+    pub fn lost_events(&self) -> u64 {
+        self.losses[counters::RINGBUF_FULL as usize]
+    }
+
+    /// Pushes buffered output out (after each batch of events).
+    pub fn flush(&mut self) -> anyhow::Result<()> {
+        if let Some(sink) = &mut self.sink {
+            sink.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Periodic work (about once a second).
+    pub fn tick(&mut self) -> anyhow::Result<()> {
+        if let Some(recorder) = &mut self.recorder {
+            recorder.tick()?;
+        }
+        Ok(())
+    }
+
+    /// Flushes everything and closes the recording.
+    pub fn finish(&mut self) -> anyhow::Result<()> {
+        self.flush()?;
+        if let Some(recorder) = self.recorder.take() {
+            let path = recorder.path().to_path_buf();
+            let (events, bytes) = recorder.finish()?;
+            let per_event =
+                bytes.checked_div(events).map(|b| format!(", {b} bytes/event")).unwrap_or_default();
+            eprintln!(
+                "twtrace: recorded {events} events to {} ({bytes} bytes{per_event})",
+                path.display()
+            );
+        }
+        Ok(())
+    }
+
+    pub fn summary(&self) -> String {
         let t = &self.tally;
         format!(
             "twtrace: {} events ({} time_wait, {} failures), {} shown, {} lost, {} undecodable",
-            t.seen, t.time_wait, t.failures, t.shown, lost, t.undecodable
+            t.seen,
+            t.time_wait,
+            t.failures,
+            t.shown,
+            self.lost_events(),
+            t.undecodable
         )
     }
 }

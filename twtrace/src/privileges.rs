@@ -44,18 +44,9 @@ mod tests {
 
     #[test]
     fn names_what_is_missing() {
-        assert_eq!(
-            missing_capabilities(0).as_deref(),
-            Some("CAP_BPF, CAP_PERFMON")
-        );
-        assert_eq!(
-            missing_capabilities(1 << CAP_BPF).as_deref(),
-            Some("CAP_PERFMON")
-        );
+        assert_eq!(missing_capabilities(0).as_deref(), Some("CAP_BPF, CAP_PERFMON"));
+        assert_eq!(missing_capabilities(1 << CAP_BPF).as_deref(), Some("CAP_PERFMON"));
         assert_eq!(missing_capabilities(1 << CAP_SYS_ADMIN), None);
-        assert_eq!(
-            missing_capabilities((1 << CAP_BPF) | (1 << CAP_PERFMON)),
-            None
-        );
+        assert_eq!(missing_capabilities((1 << CAP_BPF) | (1 << CAP_PERFMON)), None);
     }
 }

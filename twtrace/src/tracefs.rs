@@ -44,13 +44,7 @@ fn mount_at(dir: &Path) -> anyhow::Result<()> {
     let c_dir = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
     // SAFETY: valid NUL-terminated strings; no data argument.
     let rc = unsafe {
-        libc::mount(
-            c"nodev".as_ptr(),
-            c_dir.as_ptr(),
-            c"tracefs".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
+        libc::mount(c"nodev".as_ptr(), c_dir.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null())
     };
     if rc != 0 {
         let err = std::io::Error::last_os_error();
@@ -81,11 +75,7 @@ pub struct Format {
 impl Format {
     /// Reads `events/<category>/<name>/format`; `Ok(None)` when the tracepoint does not exist.
     pub fn read(tracefs: &Path, category: &str, name: &str) -> anyhow::Result<Option<Self>> {
-        let path = tracefs
-            .join("events")
-            .join(category)
-            .join(name)
-            .join("format");
+        let path = tracefs.join("events").join(category).join(name).join("format");
         match fs::read_to_string(&path) {
             Ok(text) => Self::parse(&text)
                 .with_context(|| format!("failed to parse {}", path.display()))
@@ -98,26 +88,17 @@ impl Format {
     /// Parses lines like `field:__u16 sport; offset:24; size:2; signed:0;` (tab-separated).
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         let mut fields = HashMap::new();
-        for line in text
-            .lines()
-            .map(str::trim)
-            .filter(|l| l.starts_with("field:"))
-        {
+        for line in text.lines().map(str::trim).filter(|l| l.starts_with("field:")) {
             let mut decl = None;
             let (mut offset, mut size) = (None, None);
             for part in line.split(';').map(str::trim) {
                 if let Some(d) = part.strip_prefix("field:") {
                     decl = Some(d);
                 } else if let Some(v) = part.strip_prefix("offset:") {
-                    offset = Some(
-                        v.parse::<u16>()
-                            .with_context(|| format!("bad offset in `{line}`"))?,
-                    );
+                    offset =
+                        Some(v.parse::<u16>().with_context(|| format!("bad offset in `{line}`"))?);
                 } else if let Some(v) = part.strip_prefix("size:") {
-                    size = Some(
-                        v.parse::<u16>()
-                            .with_context(|| format!("bad size in `{line}`"))?,
-                    );
+                    size = Some(v.parse::<u16>().with_context(|| format!("bad size in `{line}`"))?);
                 }
             }
             let (Some(decl), Some(offset), Some(size)) = (decl, offset, size) else {
@@ -146,10 +127,7 @@ impl Format {
             .get(name)
             .with_context(|| format!("field `{name}` is missing from the tracepoint format"))?;
         if !sizes.contains(&field.size) {
-            bail!(
-                "field `{name}` is {} bytes wide; twtrace supports {sizes:?}",
-                field.size
-            );
+            bail!("field `{name}` is {} bytes wide; twtrace supports {sizes:?}", field.size);
         }
         Ok(field)
     }
@@ -175,31 +153,10 @@ print fmt: \"family=%s\"";
     #[test]
     fn parses_fields_pointers_and_arrays() {
         let f = Format::parse(INET_SOCK_SET_STATE_6_18).unwrap();
-        assert_eq!(
-            f.field("skaddr", &[8]).unwrap(),
-            Field { offset: 8, size: 8 }
-        );
-        assert_eq!(
-            f.field("oldstate", &[4]).unwrap(),
-            Field {
-                offset: 16,
-                size: 4
-            }
-        );
-        assert_eq!(
-            f.field("protocol", &[1, 2]).unwrap(),
-            Field {
-                offset: 30,
-                size: 2
-            }
-        );
-        assert_eq!(
-            f.field("saddr_v6", &[16]).unwrap(),
-            Field {
-                offset: 40,
-                size: 16
-            }
-        );
+        assert_eq!(f.field("skaddr", &[8]).unwrap(), Field { offset: 8, size: 8 });
+        assert_eq!(f.field("oldstate", &[4]).unwrap(), Field { offset: 16, size: 4 });
+        assert_eq!(f.field("protocol", &[1, 2]).unwrap(), Field { offset: 30, size: 2 });
+        assert_eq!(f.field("saddr_v6", &[16]).unwrap(), Field { offset: 40, size: 16 });
     }
 
     #[test]
@@ -207,12 +164,7 @@ print fmt: \"family=%s\"";
         let f = Format::parse(INET_SOCK_SET_STATE_6_18).unwrap();
         let err = f.field("protocol", &[4]).unwrap_err().to_string();
         assert!(err.contains("2 bytes wide"), "{err}");
-        assert!(
-            f.field("daddr", &[4])
-                .unwrap_err()
-                .to_string()
-                .contains("missing")
-        );
+        assert!(f.field("daddr", &[4]).unwrap_err().to_string().contains("missing"));
     }
 
     #[test]

@@ -1,3 +1,4 @@
-//! Subcommands: thin glue over the loader, the decoder, filters and sinks.
+//! Subcommands: thin glue over the loader, the pipeline, sinks and recordings.
 
+pub mod replay;
 pub mod trace;

@@ -1,4 +1,5 @@
-//! `twtrace trace`: stream events from the kernel to stdout until Ctrl-C or SIGTERM.
+//! `twtrace trace` and `twtrace record`: stream events from the kernel, to stdout and/or
+//! a recording, until Ctrl-C, SIGTERM or the end of `--duration`.
 
 use std::{
     io::{self, BufWriter},
@@ -10,29 +11,61 @@ use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
 };
-use twtrace_common::counters;
 
 use crate::{
-    cli::TraceArgs,
+    cli::{KernelArgs, RecordArgs, TraceArgs},
     clock::Clock,
+    filter::Filter,
     loader::Tracer,
     model::Model,
     output::{EventSink, Human, JsonLines},
-    pipeline::{Pipeline, Tally},
+    pipeline::Pipeline,
     privileges,
+    session::{header::Header, writer::RecordingWriter},
 };
 
-pub async fn run(args: TraceArgs, verbose: u8) -> anyhow::Result<()> {
-    privileges::check()?;
-    let filter = args.filter.to_filter();
+pub async fn trace(args: TraceArgs, verbose: u8) -> anyhow::Result<()> {
     let stdout = BufWriter::with_capacity(64 * 1024, io::stdout().lock());
-    let mut sink: Box<dyn EventSink> = if args.json {
-        Box::new(JsonLines::new(stdout))
-    } else {
-        Box::new(Human::new(stdout))
+    let sink: Box<dyn EventSink> =
+        if args.json { Box::new(JsonLines::new(stdout)) } else { Box::new(Human::new(stdout)) };
+    let recording = args.write.map(|path| (path, args.recording));
+    run(&args.kernel, args.filter.to_filter(), Some(sink), recording, None, verbose).await
+}
+
+pub async fn record(args: RecordArgs, verbose: u8) -> anyhow::Result<()> {
+    let recording = Some((args.output, args.recording));
+    run(
+        &args.kernel,
+        args.filter.to_filter(),
+        None,
+        recording,
+        args.duration.map(Into::into),
+        verbose,
+    )
+    .await
+}
+
+async fn run(
+    kernel: &KernelArgs,
+    filter: Filter,
+    mut sink: Option<Box<dyn EventSink>>,
+    recording: Option<(std::path::PathBuf, crate::cli::RecordingArgs)>,
+    duration: Option<Duration>,
+    verbose: u8,
+) -> anyhow::Result<()> {
+    privileges::check()?;
+    let clock = Clock::anchor_now();
+    // The recording is created before anything is attached, so a bad path fails fast.
+    let recorder = match recording {
+        Some((path, opts)) => {
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let header = Header::for_this_host(clock.offset_ns(), command);
+            Some(RecordingWriter::create(&path, header, opts.rotate, opts.keep as usize)?)
+        }
+        None => None,
     };
 
-    let mut tracer = Tracer::start(&args.kernel.to_options(verbose))?;
+    let mut tracer = Tracer::start(&kernel.to_options(verbose))?;
     // SAFETY (both): each value owns its map fd and keeps it open, unchanged, for as long
     // as the AsyncFd that registered it lives.
     let mut kernel_log = unsafe {
@@ -46,8 +79,9 @@ pub async fn run(args: TraceArgs, verbose: u8) -> anyhow::Result<()> {
 
     let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
-    let mut lost_check = tokio::time::interval(Duration::from_secs(1));
-    let mut lost_seen = [0u64; counters::COUNT as usize];
+    let mut every_second = tokio::time::interval(Duration::from_secs(1));
+    let deadline = tokio::time::sleep(duration.unwrap_or(Duration::MAX / 4));
+    tokio::pin!(deadline);
 
     // Tests and scripts wait for this line: the programs are attached once it is printed.
     eprintln!(
@@ -55,15 +89,13 @@ pub async fn run(args: TraceArgs, verbose: u8) -> anyhow::Result<()> {
         tracer.tracepoints.join(", "),
         tracer.port_search.unwrap_or("none")
     );
-    sink.begin()?;
-    sink.flush()?;
-    let mut pipeline = Pipeline {
-        filter,
-        sink,
-        clock: Clock::anchor_now(),
-        model: Model::new(),
-        tally: Tally::default(),
-    };
+    if let Some(sink) = &mut sink {
+        sink.begin()?;
+        sink.flush()?;
+    }
+    let mut pipeline = Pipeline::new(filter, clock, Some(Model::new()));
+    pipeline.sink = sink;
+    pipeline.recorder = recorder;
     loop {
         tokio::select! {
             guard = events.readable_mut() => {
@@ -76,7 +108,11 @@ pub async fn run(args: TraceArgs, verbose: u8) -> anyhow::Result<()> {
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
             }
-            _ = lost_check.tick() => report_new_losses(&tracer, &mut lost_seen),
+            _ = every_second.tick() => {
+                report_losses(&tracer, &mut pipeline)?;
+                pipeline.tick()?;
+            }
+            _ = &mut deadline => break,
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
@@ -84,9 +120,9 @@ pub async fn run(args: TraceArgs, verbose: u8) -> anyhow::Result<()> {
     // Events already in the ring buffer when the signal came are still delivered.
     drain(events.get_mut(), &mut pipeline)?;
     kernel_log.get_mut().flush();
-    report_new_losses(&tracer, &mut lost_seen);
-    let lost = lost_seen[counters::RINGBUF_FULL as usize];
-    eprintln!("{}", pipeline.summary(lost));
+    report_losses(&tracer, &mut pipeline)?;
+    pipeline.finish()?;
+    eprintln!("{}", pipeline.summary());
     Ok(())
 }
 
@@ -98,32 +134,15 @@ fn drain(
     while let Some(record) = ring.next() {
         pipeline.record(&record)?;
     }
-    pipeline.sink.flush()?;
-    Ok(())
+    pipeline.flush()
 }
 
-/// Prints on stderr whatever the kernel side could not do since the last call.
-fn report_new_losses(tracer: &Tracer, seen: &mut [u64; counters::COUNT as usize]) {
-    let now = match tracer.counters() {
-        Ok(now) => now,
+fn report_losses(tracer: &Tracer, pipeline: &mut Pipeline) -> anyhow::Result<()> {
+    match tracer.counters() {
+        Ok(counters) => pipeline.losses(Clock::monotonic_now_ns(), &counters),
         Err(e) => {
             log::warn!("{e:#}");
-            return;
-        }
-    };
-    for (i, (&n, prev)) in now.iter().zip(seen.iter_mut()).enumerate() {
-        if n > *prev {
-            let hint = match i as u32 {
-                counters::RINGBUF_FULL => "; raise --ring-buffer-size",
-                counters::SOCKET_TABLE_FULL => "; raise --max-sockets",
-                _ => "",
-            };
-            eprintln!(
-                "twtrace: warning: {} x {}{hint}",
-                n - *prev,
-                counters::NAMES[i]
-            );
-            *prev = n;
+            Ok(())
         }
     }
 }

@@ -22,11 +22,7 @@ pub struct Destination {
 
 impl Destination {
     pub fn new(netns: u32, daddr: IpAddr, dport: u16) -> Self {
-        Self {
-            netns,
-            daddr: daddr.to_canonical(),
-            dport,
-        }
+        Self { netns, daddr: daddr.to_canonical(), dport }
     }
 }
 
@@ -38,17 +34,9 @@ pub struct TimeWaitTracker {
 
 impl TimeWaitTracker {
     pub fn observe(&mut self, event: &Event) {
-        if let Event::State(
-            s @ StateChange {
-                time_wait: true, ..
-            },
-        ) = event
-        {
+        if let Event::State(s @ StateChange { time_wait: true, .. }) = event {
             let dest = Destination::new(s.netns, s.daddr, s.dport);
-            self.by_destination
-                .entry(dest)
-                .or_default()
-                .push_back(s.ts_ns);
+            self.by_destination.entry(dest).or_default().push_back(s.ts_ns);
         }
     }
 
@@ -57,10 +45,7 @@ impl TimeWaitTracker {
         let Some(entries) = self.by_destination.get_mut(dest) else {
             return 0;
         };
-        while entries
-            .front()
-            .is_some_and(|&t| now_ns.saturating_sub(t) >= TIME_WAIT_NS)
-        {
+        while entries.front().is_some_and(|&t| now_ns.saturating_sub(t) >= TIME_WAIT_NS) {
             entries.pop_front();
         }
         let n = entries.len() as u64;
@@ -83,10 +68,7 @@ impl TimeWaitTracker {
     /// Forgets expired entries everywhere (call now and then to bound memory).
     pub fn expire(&mut self, now_ns: u64) {
         self.by_destination.retain(|_, entries| {
-            while entries
-                .front()
-                .is_some_and(|&t| now_ns.saturating_sub(t) >= TIME_WAIT_NS)
-            {
+            while entries.front().is_some_and(|&t| now_ns.saturating_sub(t) >= TIME_WAIT_NS) {
                 entries.pop_front();
             }
             !entries.is_empty()
@@ -118,18 +100,10 @@ mod tests {
         }
         let dest = Destination::new(4026531840, "10.1.2.3".parse().unwrap(), 8080);
         assert_eq!(tw.count(&dest, 31_000_000_000), 3);
-        assert_eq!(
-            tw.count(&dest, TIME_WAIT_NS + 1_000),
-            1,
-            "the first two expired"
-        );
+        assert_eq!(tw.count(&dest, TIME_WAIT_NS + 1_000), 1, "the first two expired");
         let other = Destination::new(4026531840, "10.1.2.3".parse().unwrap(), 8081);
         assert_eq!(tw.count(&other, 0), 0);
-        assert_eq!(
-            tw.count_in_netns(4026531840, 31_000_000_000),
-            1,
-            "only the unexpired one"
-        );
+        assert_eq!(tw.count_in_netns(4026531840, 31_000_000_000), 1, "only the unexpired one");
         assert_eq!(tw.count_in_netns(1, 31_000_000_000), 0);
         tw.expire(TIME_WAIT_NS * 3);
         assert_eq!(tw.count(&dest, TIME_WAIT_NS * 3), 0);
@@ -147,10 +121,7 @@ mod tests {
         let mut tw = TimeWaitTracker::default();
         tw.observe(&decode(bytes_of(&raw_state(EventKind::State, AF_INET))).unwrap());
         assert_eq!(
-            tw.count(
-                &Destination::new(4026531840, "10.1.2.3".parse().unwrap(), 8080),
-                100
-            ),
+            tw.count(&Destination::new(4026531840, "10.1.2.3".parse().unwrap(), 8080), 100),
             0
         );
     }

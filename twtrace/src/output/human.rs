@@ -18,11 +18,7 @@ pub struct Human<W: Write> {
 
 impl<W: Write> Human<W> {
     pub fn new(out: W) -> Self {
-        Self {
-            out,
-            tz: TimeZone::system(),
-            line: String::with_capacity(160),
-        }
+        Self { out, tz: TimeZone::system(), line: String::with_capacity(160) }
     }
 }
 
@@ -59,10 +55,7 @@ fn endpoints(
     let start = line.len();
     endpoint(line, local.0, local.1);
     let width = line.len() - start;
-    line.extend(std::iter::repeat_n(
-        ' ',
-        23usize.saturating_sub(width).max(1),
-    ));
+    line.extend(std::iter::repeat_n(' ', 23usize.saturating_sub(width).max(1)));
     match remote {
         Some((addr, port)) => endpoint(line, addr, port),
         None => line.push('-'),
@@ -77,10 +70,7 @@ pub(crate) fn format_state(line: &mut String, s: &StateChange, time: &str) {
         Some(ns) => format!("{:.3}", ns as f64 / 1e6),
         None => "-".to_owned(),
     };
-    let _ = write!(
-        line,
-        "{time:<12} {pid:<7} {comm:<16} {transition:<26} {ms:>10}  "
-    );
+    let _ = write!(line, "{time:<12} {pid:<7} {comm:<16} {transition:<26} {ms:>10}  ");
     endpoints(line, (s.saddr, s.sport), Some((s.daddr, s.dport)));
 }
 
@@ -93,21 +83,13 @@ pub(crate) fn format_failure(line: &mut String, f: &Failure, time: &str) {
         Call::Bind => "bind",
     };
     let what = format!("{call}: {}", f.error_name());
-    let _ = write!(
-        line,
-        "{time:<12} {pid:<7} {comm:<16} {what:<26} {:>10}  ",
-        "-"
-    );
+    let _ = write!(line, "{time:<12} {pid:<7} {comm:<16} {what:<26} {:>10}  ", "-");
     let remote = (f.call == Call::Connect).then_some((f.daddr, f.dport));
     endpoints(line, (f.saddr, f.sport), remote);
     if let Some(ctx) = &f.context {
         line.push_str("  [");
         if let Some((lo, hi)) = ctx.port_range {
-            let _ = write!(
-                line,
-                "ports {lo}-{hi} ({}), ",
-                u32::from(hi.saturating_sub(lo)) + 1
-            );
+            let _ = write!(line, "ports {lo}-{hi} ({}), ", u32::from(hi.saturating_sub(lo)) + 1);
         }
         if let Some(reuse) = ctx.tcp_tw_reuse {
             let _ = write!(line, "tcp_tw_reuse={reuse}, ");
@@ -166,9 +148,7 @@ mod tests {
     };
 
     fn line_for(kind: EventKind, family: u16) -> String {
-        let Event::State(s) = decode(bytes_of(&raw_state(kind, family))).unwrap() else {
-            panic!()
-        };
+        let Event::State(s) = decode(bytes_of(&raw_state(kind, family))).unwrap() else { panic!() };
         let mut line = String::new();
         format_state(&mut line, &s, "20:09:20.123");
         line
@@ -223,9 +203,6 @@ mod tests {
     #[test]
     fn ipv6_in_brackets() {
         let line = line_for(EventKind::State, AF_INET6);
-        assert!(
-            line.ends_with("[::1]:40000            [fd00::2]:8080"),
-            "{line}"
-        );
+        assert!(line.ends_with("[::1]:40000            [fd00::2]:8080"), "{line}");
     }
 }

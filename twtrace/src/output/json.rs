@@ -119,10 +119,7 @@ impl<'a> FailureJson<'a> {
             netns: f.netns,
             skaddr: f.skaddr.map(|a| format!("{a:#x}")),
             cpu: f.cpu,
-            port_range: f
-                .context
-                .and_then(|c| c.port_range)
-                .map(|(lo, hi)| [lo, hi]),
+            port_range: f.context.and_then(|c| c.port_range).map(|(lo, hi)| [lo, hi]),
             tcp_tw_reuse: f.context.and_then(|c| c.tcp_tw_reuse),
             time_wait_to_destination: f.context.and_then(|c| c.time_wait_to_destination),
             time_wait_in_netns: f.context.and_then(|c| c.time_wait_in_netns),
@@ -159,8 +156,7 @@ mod tests {
         let ev = decode(bytes_of(&raw_state(EventKind::TimeWait, AF_INET))).unwrap();
         let mut out = Vec::new();
         let mut sink = JsonLines::new(&mut out);
-        sink.write_event(&ev, &Clock::from_offset(1_700_000_000_000_000_000))
-            .unwrap();
+        sink.write_event(&ev, &Clock::from_offset(1_700_000_000_000_000_000)).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["kind"], "time_wait");
         assert_eq!(v["ts"], "2023-11-14T22:13:20.000000042Z");
@@ -194,9 +190,7 @@ mod tests {
             time_wait_in_netns: None,
         });
         let mut out = Vec::new();
-        JsonLines::new(&mut out)
-            .write_event(&Event::Failure(f), &Clock::from_offset(0))
-            .unwrap();
+        JsonLines::new(&mut out).write_event(&Event::Failure(f), &Clock::from_offset(0)).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["kind"], "connect_error");
         assert_eq!(v["errno"], 99);
@@ -218,9 +212,7 @@ mod tests {
         use crate::event::tests::raw_failure;
         let ev = decode(bytes_of(&raw_failure(EventKind::BindError, 98))).unwrap();
         let mut out = Vec::new();
-        JsonLines::new(&mut out)
-            .write_event(&ev, &Clock::from_offset(0))
-            .unwrap();
+        JsonLines::new(&mut out).write_event(&ev, &Clock::from_offset(0)).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["kind"], "bind_error");
         assert_eq!(v["error"], "EADDRINUSE");

@@ -1,10 +1,12 @@
 //! Where decoded events go: one trait, one implementation per output format.
 
+mod csv;
 mod human;
 mod json;
 
 use std::io;
 
+pub use csv::Csv;
 pub use human::Human;
 pub use json::JsonLines;
 

@@ -134,9 +134,14 @@ fn port_exhaustion(ip: IpAddr, hooks: &str) {
     wait_ok(&mut server, "server");
     let events = stop(tracer);
 
-    let failed = field(&summary, "failed");
-    assert_eq!(field(&summary, "connected"), 10, "{summary}");
-    assert_eq!(failed, 4, "{summary}");
+    // Ground truth is what the client saw: some connects succeeded (each leaves its
+    // port in TIME_WAIT), the rest failed with EADDRNOTAVAIL once the range ran dry.
+    let (connected, failed) = (field(&summary, "connected"), field(&summary, "failed"));
+    assert_eq!(connected + failed, attempts as i64, "{summary}");
+    assert!(
+        failed > 0 && connected <= i64::from(RANGE.1 - RANGE.0 + 1),
+        "the range ran dry: {summary}"
+    );
     assert_eq!(field(&summary, "errno"), i64::from(libc::EADDRNOTAVAIL), "{summary}");
 
     let errors = failures(&events, "connect_error");
@@ -145,6 +150,8 @@ fn port_exhaustion(ip: IpAddr, hooks: &str) {
         failed,
         "one connect_error per failure the client saw: {errors:#?}"
     );
+    let time_waits = failures(&events, "time_wait");
+    assert_eq!(time_waits.len() as i64, connected, "each successful connection entered TIME_WAIT");
     for e in errors {
         assert_eq!(e["errno"], libc::EADDRNOTAVAIL, "{e}");
         assert_eq!(e["error"], "EADDRNOTAVAIL", "{e}");
@@ -157,9 +164,12 @@ fn port_exhaustion(ip: IpAddr, hooks: &str) {
         assert_eq!(e["source"], source, "{e}");
         assert_eq!(e["port_range"], serde_json::json!([RANGE.0, RANGE.1]), "{e}");
         assert_eq!(e["tcp_tw_reuse"], 0, "{e}");
-        assert_eq!(e["time_wait_to_destination"], 10, "{e}");
+        // TIME_WAIT entries toward this destination that twtrace saw before the failure
+        // (events come out in the order the kernel produced them).
+        let at = events.iter().position(|x| std::ptr::eq(x, e)).unwrap();
+        let before = events[..at].iter().filter(|t| t["kind"] == "time_wait").count();
+        assert_eq!(e["time_wait_to_destination"], before, "{e}");
     }
-    assert_eq!(failures(&events, "time_wait").len(), 10);
 }
 
 /// Connects (blocking, then non-blocking) to `ip`, port 9, where nothing listens.

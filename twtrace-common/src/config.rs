@@ -32,20 +32,6 @@ pub struct ResetLayout {
     pub present: u16,
 }
 
-/// Byte offsets of the `sock:inet_sk_error_report` tracepoint record.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ErrorReportLayout {
-    pub error: u16,
-    pub sport: u16,
-    pub dport: u16,
-    pub protocol: u16,
-    /// 1 or 2, as in [`SockStateLayout::protocol_size`].
-    pub protocol_size: u16,
-    /// Nonzero when the tracepoint exists and is attached.
-    pub present: u16,
-}
-
 /// Byte offsets of the `syscalls:sys_enter_connect`/`sys_enter_bind` records (`fd`, the
 /// user address) and of `sys_exit_*` (`ret`).
 #[repr(C)]
@@ -98,6 +84,9 @@ pub struct KernelLayout {
     pub skc_v6_daddr: u32,
     pub skc_v6_rcv_saddr: u32,
     pub sock_addrs: u32,
+    /// `offsetof(struct sock, sk_err)`: the error a failing socket reports, set before the
+    /// kernel moves it to CLOSE; 0 when unavailable.
+    pub sock_err: u32,
 }
 
 #[cfg(feature = "user")]
@@ -106,6 +95,5 @@ mod user {
     unsafe impl aya::Pod for super::SockStateLayout {}
     unsafe impl aya::Pod for super::ResetLayout {}
     unsafe impl aya::Pod for super::KernelLayout {}
-    unsafe impl aya::Pod for super::ErrorReportLayout {}
     unsafe impl aya::Pod for super::SyscallLayout {}
 }

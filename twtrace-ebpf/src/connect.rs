@@ -99,25 +99,27 @@ pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// A connect failure reported through a socket error: parked in the connect() call still
-/// in progress on the owning thread (its exit reports it, with the errno it returns), or
-/// reported now (a non-blocking connect whose call has returned).
+/// A failed non-blocking connect, found by the state hook: parked in the connect() call
+/// still in progress on the owning thread (its exit reports it, with the errno it
+/// returns), or reported now (the call returned EINPROGRESS before the failure).
 #[inline(always)]
-pub fn resolve_async_failure(failure: &FailureEvent, errno: u32) {
+pub fn resolve_async_failure(failure: &FailureEvent) {
     let owner_id = (u64::from(failure.task.pid) << 32) | u64::from(failure.task.tid);
     if let Some(call) = PENDING_CALLS.get_ptr_mut(&owner_id) {
         // SAFETY: map value pointer, valid while this program runs.
         unsafe {
             if (*call).skaddr == failure.skaddr {
-                (*call).async_errno = errno;
+                (*call).saddr = failure.saddr;
+                (*call).sport = failure.sport;
+                (*call).async_errno = failure.errno;
                 return;
             }
         }
     }
-    let mut f = *failure;
-    f.errno = errno;
-    // SAFETY: no preconditions.
-    emit_failure(EventKind::ConnectError, &f, unsafe { bpf_ktime_get_ns() });
+    if failure.errno != 0 {
+        // SAFETY: no preconditions.
+        emit_failure(EventKind::ConnectError, failure, unsafe { bpf_ktime_get_ns() });
+    }
 }
 
 /// Records an inet connect()/bind() call at entry.

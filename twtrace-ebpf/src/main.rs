@@ -6,7 +6,6 @@ mod connect;
 mod kernel;
 mod maps;
 mod port_search;
-mod sk_error;
 mod sock_state;
 mod tcp_reset;
 

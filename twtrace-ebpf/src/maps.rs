@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use twtrace_common::{
     FailureEvent, Task,
-    config::{ErrorReportLayout, KernelLayout, ResetLayout, SockStateLayout, SyscallLayout},
+    config::{KernelLayout, ResetLayout, SockStateLayout, SyscallLayout},
     counters,
 };
 
@@ -74,6 +74,7 @@ pub static KERNEL_LAYOUT: Global<KernelLayout> = Global::new(KernelLayout {
     skc_v6_daddr: 0,
     skc_v6_rcv_saddr: 0,
     sock_addrs: 0,
+    sock_err: 0,
 });
 
 /// Arguments of a port search in progress (kprobe entry to kretprobe), keyed by
@@ -94,23 +95,6 @@ pub struct PortSearch {
 /// caller asked for, and what the state hook learnt about the socket meanwhile.
 #[map]
 pub static PENDING_CALLS: HashMap<u64, PendingCall> = HashMap::with_max_entries(16384, 0);
-
-/// Pairs a socket error report (`sock:inet_sk_error_report`) with the SYN_SENT -> CLOSE
-/// of the same socket. The kernel makes both in one call chain on one CPU, in either order
-/// (the error first before Linux 6.10, after since), and the report carries no socket
-/// address: whichever comes first parks here, the second completes the failure.
-#[map]
-pub static ASYNC_FAILURE: PerCpuArray<AsyncFailureSlot> = PerCpuArray::with_max_entries(1, 0);
-
-#[unsafe(no_mangle)]
-pub static ERROR_REPORT_LAYOUT: Global<ErrorReportLayout> = Global::new(ErrorReportLayout {
-    error: 0,
-    sport: 0,
-    dport: 0,
-    protocol: 0,
-    protocol_size: 0,
-    present: 0,
-});
 
 #[unsafe(no_mangle)]
 pub static CONNECT_LAYOUT: Global<SyscallLayout> =
@@ -145,19 +129,6 @@ pub struct PendingCall {
     pub addr: [u8; 16],
     /// Local address the kernel picked, when the state hook saw it.
     pub saddr: [u8; 16],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct AsyncFailureSlot {
-    /// Error report seen first: its errno (0 = none parked) and ports.
-    pub error_errno: u32,
-    pub error_sport: u16,
-    pub error_dport: u16,
-    /// SYN_SENT -> CLOSE seen first: nonzero while `close` waits for its errno.
-    pub close_waiting: u32,
-    pub _pad: u32,
-    pub close: FailureEvent,
 }
 
 #[repr(C)]

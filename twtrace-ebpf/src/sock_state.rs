@@ -21,10 +21,10 @@ use twtrace_common::{
 
 use crate::{
     connect::resolve_async_failure,
-    kernel::{port_settings, socket_netns},
+    kernel::{port_settings, socket_error, socket_netns},
     maps::{
-        ASYNC_FAILURE, CALL_CONNECT, EVENTS, LISTENERS, PENDING_CALLS, SOCK_STATE_LAYOUT, SOCKETS,
-        SocketEntry, count, listener_key,
+        CALL_CONNECT, EVENTS, LISTENERS, PENDING_CALLS, SOCK_STATE_LAYOUT, SOCKETS, SocketEntry,
+        count, listener_key,
     },
 };
 
@@ -158,9 +158,11 @@ pub fn emit_failure(kind: EventKind, failure: &FailureEvent, now: u64) {
 }
 
 /// Follows connect() through the state changes it causes. CLOSE -> SYN_SENT in the
-/// caller's context ties the call in progress to its socket. SYN_SENT -> CLOSE is a failed
-/// connect: the call in progress learns the local address picked; the errno comes with the
-/// socket error report (see [`ASYNC_FAILURE`]), or with the call's return value.
+/// caller's context ties the call in progress to its socket. SYN_SENT -> CLOSE ends a
+/// connect: a failure when the socket holds an error (`sk_err`, set by the kernel before
+/// it moves the socket to CLOSE: ECONNREFUSED, ETIMEDOUT, EHOSTUNREACH…); no error means
+/// the owner gave up (close() while connecting) or the port search failed, which the
+/// connect() call reports itself.
 #[inline(always)]
 fn track_connect(
     t: &Transition,
@@ -184,47 +186,21 @@ fn track_connect(
     if !(t.old == tcp::TCP_SYN_SENT && t.new == tcp::TCP_CLOSE) {
         return;
     }
-    let owner_id = (u64::from(owner.pid) << 32) | u64::from(owner.tid);
-    if let Some(call) = PENDING_CALLS.get_ptr_mut(&owner_id) {
-        // SAFETY: map value pointer, valid while this program runs.
-        unsafe {
-            if (*call).skaddr == t.skaddr {
-                (*call).saddr = *saddr;
-                (*call).sport = t.sport;
-            }
-        }
-    }
-    let Some(slot) = ASYNC_FAILURE.get_ptr_mut(0) else {
-        return;
+    let failure = FailureEvent {
+        skaddr: t.skaddr,
+        task: *owner,
+        netns,
+        errno: socket_error(t.skaddr),
+        family: t.family,
+        sport: t.sport,
+        dport: t.dport,
+        source: FailureSource::Async as u8,
+        attribution: attribution as u8,
+        saddr: *saddr,
+        daddr: *daddr,
+        ..Default::default()
     };
-    // SAFETY: this CPU's slot; nothing else runs on this CPU meanwhile.
-    unsafe {
-        (*slot).close = FailureEvent {
-            header: Default::default(),
-            skaddr: t.skaddr,
-            task: *owner,
-            netns,
-            errno: 0,
-            family: t.family,
-            sport: t.sport,
-            dport: t.dport,
-            source: FailureSource::Async as u8,
-            attribution: attribution as u8,
-            saddr: *saddr,
-            daddr: *daddr,
-            ..Default::default()
-        };
-        let errno = (*slot).error_errno;
-        if errno != 0 && (*slot).error_sport == t.sport && (*slot).error_dport == t.dport {
-            (*slot).error_errno = 0;
-            (*slot).close_waiting = 0;
-            resolve_async_failure(&(*slot).close, errno);
-        } else {
-            // A close without an error report (the owner closed a connecting socket) stays
-            // parked until the next one overwrites it.
-            (*slot).close_waiting = 1;
-        }
-    }
+    resolve_async_failure(&failure);
 }
 
 /// Copies the source and destination addresses (N bytes each) from the record.
@@ -256,7 +232,13 @@ fn track_socket(
     now: u64,
 ) -> (Task, Attribution, u64, bool) {
     let known = SOCKETS.get_ptr_mut(&t.skaddr);
+    // A socket starts a new life by leaving CLOSE (connect, listen) or as a clone of its
+    // listener: whatever the table holds for this address belongs to an earlier life
+    // (its CLOSE was missed, e.g. while the table was full) and must not leak into it.
+    let new_life =
+        t.old == tcp::TCP_CLOSE || (t.old == tcp::TCP_LISTEN && t.new == tcp::TCP_SYN_RECV);
     let (mut task, mut attribution, prev_state_ns, reset_seen) = match known {
+        Some(_) if new_life => (Task::default(), Attribution::Unknown, 0, false),
         // SAFETY: map value pointer, valid for the duration of this program.
         Some(e) => unsafe {
             (
@@ -314,6 +296,9 @@ fn track_socket(
                 (*e).owner = task;
                 (*e).attribution = attribution as u8;
                 (*e).last_change_ns = now;
+                if new_life {
+                    (*e).reset_seen = 0;
+                }
             },
             None => {
                 let entry = SocketEntry {

@@ -10,7 +10,7 @@ use aya::{
     programs::{FExit, KProbe, TracePoint},
 };
 use twtrace_common::{
-    config::{ErrorReportLayout, ResetLayout, SockStateLayout, SyscallLayout},
+    config::{ResetLayout, SockStateLayout, SyscallLayout},
     counters,
 };
 
@@ -80,7 +80,6 @@ impl Tracer {
             .context("failed to find socket and network-namespace fields in the kernel's BTF")?;
         let state_layout = sock_state_layout(&tracefs)?;
         let reset_layout = reset_layout(&tracefs)?;
-        let error_layout = error_report_layout(&tracefs)?;
         let connect_layout = syscall_layout(&tracefs, "connect", "uservaddr")?;
         let bind_layout = syscall_layout(&tracefs, "bind", "umyaddr")?;
         raise_memlock_limit();
@@ -88,7 +87,6 @@ impl Tracer {
         let mut ebpf = EbpfLoader::new()
             .override_global("SOCK_STATE_LAYOUT", &state_layout, true)
             .override_global("RESET_LAYOUT", &reset_layout, true)
-            .override_global("ERROR_REPORT_LAYOUT", &error_layout, true)
             .override_global("CONNECT_LAYOUT", &connect_layout.unwrap_or_default(), true)
             .override_global("BIND_LAYOUT", &bind_layout.unwrap_or_default(), true)
             .override_global("KERNEL_LAYOUT", &kernel_layout, true)
@@ -127,15 +125,6 @@ impl Tracer {
             }
         }
         let port_search = attach_port_search(&mut ebpf, opts.port_search_hooks)?;
-        if error_layout.present != 0 {
-            attach_tracepoint(&mut ebpf, "inet_sk_error_report", "sock", "inet_sk_error_report")?;
-            tracepoints.push("sock:inet_sk_error_report".to_owned());
-        } else {
-            log::warn!(
-                "sock:inet_sk_error_report is missing on this kernel (added in 5.15): failures \
-                 of non-blocking connects will not be reported"
-            );
-        }
         Ok(Self { ebpf, tracepoints, port_search })
     }
 
@@ -300,24 +289,6 @@ fn reset_layout(tracefs: &Path) -> anyhow::Result<ResetLayout> {
             .offset,
         present: 1,
     })
-}
-
-fn error_report_layout(tracefs: &Path) -> anyhow::Result<ErrorReportLayout> {
-    let Some(format) = tracefs::Format::read(tracefs, "sock", "inet_sk_error_report")? else {
-        return Ok(ErrorReportLayout::default());
-    };
-    let read = || -> anyhow::Result<ErrorReportLayout> {
-        let protocol = format.field("protocol", &[1, 2])?;
-        Ok(ErrorReportLayout {
-            error: format.field("error", &[4])?.offset,
-            sport: format.field("sport", &[2])?.offset,
-            dport: format.field("dport", &[2])?.offset,
-            protocol: protocol.offset,
-            protocol_size: protocol.size,
-            present: 1,
-        })
-    };
-    read().context("unsupported sock:inet_sk_error_report layout on this kernel")
 }
 
 /// Layout of `syscalls:sys_enter_<call>` / `sys_exit_<call>`; `None` without syscall

@@ -1,7 +1,10 @@
 //! twtrace's developer tasks (`cargo xtask …`, usually through `./x`): install the eBPF
-//! toolchain, build, run the tracer, run the tests.
+//! toolchain, build, run the tracer, run the tests (here and in QEMU), benchmark.
 
+mod bench;
 mod setup;
+mod storm;
+mod vm;
 
 use std::{
     ffi::OsString,
@@ -45,6 +48,39 @@ enum Task {
     Lint,
     /// Set up and build twtrace (release).
     Build,
+    /// Run the root integration tests inside Debian kernels booted under QEMU (TCG), one
+    /// kernel at a time, e.g. `vm-test --kernel 6.1 -- connect::`.
+    /// Benchmark twtrace against tcpstates and bpftrace on a loopback connect/close storm
+    /// (needs root; installs libbpf-tools, bpftrace, bpftool). See docs/benchmarks.md.
+    Bench {
+        /// Seconds of storm per measurement.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Rounds; each runs every configuration once, in a rotating order.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        rounds: u64,
+        /// Where to write the results as JSON.
+        #[arg(long, default_value = "target/bench/results.json")]
+        json: PathBuf,
+    },
+    /// The benchmark's load: a loopback connect/close storm (run inside a namespace).
+    #[command(hide = true)]
+    Storm {
+        #[arg(long)]
+        seconds: f64,
+    },
+    VmTest {
+        /// Kernels to test, comma-separated or repeated: `6.1`, `6.12`, `all` (both), or
+        /// `host` (this machine's kernel, natively, like `test`).
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "all")]
+        kernel: Vec<vm::KernelArg>,
+        /// Seconds one kernel may take to boot and run the suite before QEMU is killed.
+        #[arg(long, default_value_t = 1200, value_parser = clap::value_parser!(u64).range(1..))]
+        timeout: u64,
+        /// Extra arguments for the test harness (e.g. a name filter, `--skip NAME`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -73,9 +109,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let bin = root.join("target/release/twtrace");
             let mut cmd = as_root(&bin)?;
             cmd.arg("trace").args(args);
-            let status = cmd
-                .status()
-                .with_context(|| format!("failed to run {}", bin.display()))?;
+            let status =
+                cmd.status().with_context(|| format!("failed to run {}", bin.display()))?;
             std::process::exit(status.code().unwrap_or(1));
         }
         Task::Test { args } => {
@@ -95,11 +130,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Task::Lint => {
             let env = setup::run(&root)?;
             cargo(&root, &env, &["fmt", "--all", "--", "--check"])?;
-            cargo(
-                &root,
-                &env,
-                &["clippy", "--all-targets", "--", "-D", "warnings"],
-            )?;
+            cargo(&root, &env, &["clippy", "--all-targets", "--", "-D", "warnings"])?;
+        }
+        Task::Bench { seconds, rounds, json } => {
+            let env = setup::run(&root)?;
+            std::fs::create_dir_all(root.join("target/bench"))?;
+            bench::run(&root, &env, seconds, rounds as usize, &root.join(json))?;
+        }
+        Task::Storm { seconds } => storm::run(seconds)?,
+        Task::VmTest { kernel, timeout, args } => {
+            let env = setup::run(&root)?;
+            vm::run(&root, &env, &kernel, std::time::Duration::from_secs(timeout), &args)?;
         }
     }
     Ok(())
@@ -118,20 +159,23 @@ fn cargo<S: AsRef<std::ffi::OsStr>>(
     env: &setup::Env,
     args: &[S],
 ) -> anyhow::Result<()> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(root).args(args).env("PATH", &env.path);
-    let status = cmd.status().context("failed to run cargo")?;
+    let status = cargo_command(root, env).args(args).status().context("failed to run cargo")?;
     if !status.success() {
         bail!(
             "`cargo {}` failed ({status})",
-            args.iter()
-                .map(|a| a.as_ref().to_string_lossy())
-                .collect::<Vec<_>>()
-                .join(" ")
+            args.iter().map(|a| a.as_ref().to_string_lossy()).collect::<Vec<_>>().join(" ")
         );
     }
     Ok(())
+}
+
+/// A cargo command in the workspace with the environment from setup, for callers that
+/// need its output.
+pub(crate) fn cargo_command(root: &Path, env: &setup::Env) -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root).env("PATH", &env.path);
+    cmd
 }
 
 /// A command running `bin` as root: directly when we are root, else through sudo.
@@ -139,11 +183,7 @@ fn as_root(bin: &Path) -> anyhow::Result<Command> {
     if setup::is_root() {
         return Ok(Command::new(bin));
     }
-    if Command::new("sudo")
-        .arg("-n")
-        .arg("true")
-        .status()
-        .is_ok_and(|s| s.success())
+    if Command::new("sudo").arg("-n").arg("true").status().is_ok_and(|s| s.success())
         || which("sudo")
     {
         let mut cmd = Command::new("sudo");
@@ -154,8 +194,16 @@ fn as_root(bin: &Path) -> anyhow::Result<Command> {
 }
 
 fn which(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+    find_program(program).is_some()
+}
+
+/// Where `program` is: on PATH, or in the sbin directories a non-root PATH lacks.
+pub(crate) fn find_program(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
 }
 
 #[cfg(test)]
@@ -172,15 +220,9 @@ mod tests {
         }
         let stable = std::fs::read_to_string(root.join("rust-toolchain.toml")).unwrap();
         let x = std::fs::read_to_string(root.join("x")).unwrap();
-        let channel = stable
-            .lines()
-            .find_map(|l| l.strip_prefix("channel = "))
-            .unwrap()
-            .trim_matches('"');
-        assert!(
-            x.contains(&format!("STABLE={channel}")),
-            "x does not pin stable {channel}"
-        );
+        let channel =
+            stable.lines().find_map(|l| l.strip_prefix("channel = ")).unwrap().trim_matches('"');
+        assert!(x.contains(&format!("STABLE={channel}")), "x does not pin stable {channel}");
     }
 
     #[test]

@@ -33,15 +33,13 @@ pub fn run(_root: &Path) -> anyhow::Result<Env> {
         );
     }
     let mut paths = vec![linker_dir];
-    paths.extend(std::env::split_paths(
-        &std::env::var_os("PATH").unwrap_or_default(),
-    ));
-    Ok(Env {
-        path: std::env::join_paths(paths).context("PATH contains an invalid entry")?,
-    })
+    paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    Ok(Env { path: std::env::join_paths(paths).context("PATH contains an invalid entry")? })
 }
 
-fn cache_dir() -> anyhow::Result<PathBuf> {
+/// Where the project keeps what it installs or downloads: `$TWTRACE_CACHE`, else
+/// `~/.cache/twtrace`.
+pub(crate) fn cache_dir() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("TWTRACE_CACHE") {
         return Ok(PathBuf::from(dir));
     }
@@ -52,28 +50,22 @@ fn cache_dir() -> anyhow::Result<PathBuf> {
 /// Builds bpf-linker against the pinned nightly's own libLLVM (no prebuilt binary can be
 /// downloaded, and the LLVM major must match rustc's). Returns the directory holding it.
 fn ensure_bpf_linker() -> anyhow::Result<PathBuf> {
-    let prefix = cache_dir()?
-        .join("bpf-linker")
-        .join(format!("{NIGHTLY}-{BPF_LINKER_VERSION}"));
+    let prefix = cache_dir()?.join("bpf-linker").join(format!("{NIGHTLY}-{BPF_LINKER_VERSION}"));
     let bin_dir = prefix.join("bin");
     let linker = bin_dir.join("bpf-linker");
     if linker.is_file()
-        && Command::new(&linker)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
+        && Command::new(&linker).arg("--version").output().is_ok_and(|o| o.status.success())
     {
         return Ok(bin_dir);
     }
     eprintln!(
         "xtask: building bpf-linker {BPF_LINKER_VERSION} against {NIGHTLY}'s LLVM (about a minute)…"
     );
-    let sysroot = output(
-        Command::new("rustc")
-            .arg(format!("+{NIGHTLY}"))
-            .args(["--print", "sysroot"]),
-    )
-    .with_context(|| format!("toolchain {NIGHTLY} is missing; run ./x setup (it installs it)"))?;
+    let sysroot =
+        output(Command::new("rustc").arg(format!("+{NIGHTLY}")).args(["--print", "sysroot"]))
+            .with_context(|| {
+                format!("toolchain {NIGHTLY} is missing; run ./x setup (it installs it)")
+            })?;
     let lib_dir = Path::new(sysroot.trim()).join("lib");
     let libllvm = std::fs::read_dir(&lib_dir)
         .with_context(|| format!("failed to list {}", lib_dir.display()))?
@@ -125,34 +117,56 @@ fn ensure_bpf_linker() -> anyhow::Result<PathBuf> {
 /// Debian packages the tests and the tracer's users rely on: `ip` (iproute2, for network
 /// namespaces), `ss`, `setpriv` (util-linux).
 fn ensure_debian_packages() -> anyhow::Result<()> {
-    let wanted = [
-        ("ip", "iproute2"),
-        ("ss", "iproute2"),
-        ("setpriv", "util-linux"),
-        ("sysctl", "procps"),
-    ];
-    let mut missing: Vec<&str> = wanted
-        .iter()
-        .filter(|(cmd, _)| !crate::which(cmd) && !Path::new("/usr/sbin").join(cmd).exists())
-        .map(|&(_, pkg)| pkg)
-        .collect();
+    ensure_packages(
+        &[("ip", "iproute2"), ("ss", "iproute2"), ("setpriv", "util-linux"), ("sysctl", "procps")],
+        Removals::Refuse,
+    )
+}
+
+/// Whether apt may remove installed packages to install the wanted ones.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Removals {
+    Refuse,
+    /// Allowed, for the reason given (printed when packages are installed).
+    Allow(&'static str),
+}
+
+/// Installs the Debian package of every `(command, package)` pair whose command is missing.
+pub(crate) fn ensure_packages(wanted: &[(&str, &str)], removals: Removals) -> anyhow::Result<()> {
+    let mut missing: Vec<&str> =
+        wanted.iter().filter(|(cmd, _)| !crate::which(cmd)).map(|&(_, pkg)| pkg).collect();
     missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
+    if !is_root() {
+        bail!(
+            "missing Debian packages: {0}; run this again as root, or `sudo apt-get install {0}`",
+            missing.join(" ")
+        );
+    }
     eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
-    let ok = Command::new("apt-get")
-        .arg("update")
-        .status()
-        .is_ok_and(|s| s.success())
-        && Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
+    let mut install = Command::new("apt-get");
+    install.args(["install", "-y", "--no-install-recommends"]);
+    match removals {
+        // Never remove what the user installed to make room: fail and let them choose.
+        Removals::Refuse => {
+            install.arg("--no-remove");
+        }
+        Removals::Allow(why) => eprintln!("xtask: note: {why}"),
+    }
+    let ok = Command::new("apt-get").arg("update").status().is_ok_and(|s| s.success())
+        && install
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()
             .is_ok_and(|s| s.success());
     if !ok {
-        bail!("failed to install {} with apt-get", missing.join(" "));
+        bail!(
+            "failed to install {0} with apt-get (see its message above); if it would have to \
+             remove other packages, resolve that and run `apt-get install {0}` yourself",
+            missing.join(" ")
+        );
     }
     Ok(())
 }
@@ -165,21 +179,16 @@ fn ensure_tracefs() {
         .lines()
         .any(|l| l.contains(" tracefs "));
     if !mounted {
-        let _ = Command::new("mount")
-            .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
-            .status();
+        let _ =
+            Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]).status();
     }
 }
 
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("failed to run {cmd:?}"))?;
+/// Runs `cmd` and returns its stdout; an error holds its stderr.
+pub(crate) fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("failed to run {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -1,0 +1,567 @@
+//! `bench`: twtrace against the tools people use today, side by side, on one machine in
+//! one run. A loopback connect/close storm runs in a private network namespace, untraced
+//! and under each tracer, interleaved over several rounds; the table reports medians as
+//! ratios to the untraced rate, per-run BPF cost, delivery and CPU. See docs/benchmarks.md.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::json;
+
+use crate::setup;
+
+/// Transitions per storm connection: client CLOSE->SYN_SENT->ESTABLISHED->FIN_WAIT1->
+/// FIN_WAIT2->(TIME_WAIT), accepted socket LISTEN->SYN_RECV->ESTABLISHED->CLOSE_WAIT->
+/// LAST_ACK->CLOSE.
+const EVENTS_PER_CONNECTION: u64 = 10;
+
+/// What runs during a measurement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Config {
+    Untraced,
+    TwtraceTrace,
+    TwtraceRecord,
+    Tcpstates,
+    Bpftrace,
+}
+
+impl Config {
+    const ALL: [Config; 5] = [
+        Config::Untraced,
+        Config::TwtraceTrace,
+        Config::TwtraceRecord,
+        Config::Tcpstates,
+        Config::Bpftrace,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Config::Untraced => "untraced",
+            Config::TwtraceTrace => "twtrace trace --json",
+            Config::TwtraceRecord => "twtrace record",
+            Config::Tcpstates => "tcpstates (libbpf-tools)",
+            Config::Bpftrace => "bpftrace printf",
+        }
+    }
+}
+
+/// One measurement.
+#[derive(Clone, Debug, Default)]
+struct Sample {
+    conn_per_s: f64,
+    connections: u64,
+    /// Events the tool delivered to userspace, when it says.
+    delivered: Option<u64>,
+    lost: Option<u64>,
+    /// Mean ns per run of the tool's busiest program (the state-change hook).
+    ns_per_run: Option<f64>,
+    /// All the tool's BPF time divided by the storm's connections.
+    bpf_ns_per_connection: Option<f64>,
+    /// Runs the kernel skipped (recursion), summed over the tool's programs.
+    recursion_misses: Option<u64>,
+    /// Userspace CPU (user + system) of the tool, in seconds.
+    cpu_s: Option<f64>,
+    bytes_per_event: Option<f64>,
+}
+
+pub fn run(
+    root: &Path,
+    env: &setup::Env,
+    seconds: f64,
+    rounds: usize,
+    json_out: &Path,
+) -> anyhow::Result<()> {
+    if !setup::is_root() {
+        bail!(
+            "the benchmark loads eBPF programs and creates a network namespace: run `sudo ./x bench`"
+        );
+    }
+    setup::ensure_packages(
+        &[("tcpstates", "libbpf-tools"), ("bpftrace", "bpftrace"), ("bpftool", "bpftool")],
+        setup::Removals::Refuse,
+    )?;
+    crate::cargo(root, env, &["build", "--release", "--package", "twtrace"])?;
+    let twtrace = root.join("target/release/twtrace");
+    let scratch = root.join("target/bench");
+    std::fs::create_dir_all(&scratch)
+        .with_context(|| format!("failed to create {}", scratch.display()))?;
+
+    let ns = Netns::create()?;
+    let _stats = BpfStats::enable()?;
+    let mut samples: BTreeMap<Config, Vec<Sample>> = BTreeMap::new();
+    let total = rounds * Config::ALL.len();
+    let mut done = 0;
+    for round in 0..rounds {
+        // Rotate the order every round so drift (thermal, caches) spreads over all configs.
+        for i in 0..Config::ALL.len() {
+            let config = Config::ALL[(i + round) % Config::ALL.len()];
+            done += 1;
+            eprint!("bench: [{done}/{total}] round {} {:<26}", round + 1, config.name());
+            let sample = measure(config, &ns, &twtrace, &scratch, seconds)
+                .with_context(|| format!("measuring {}", config.name()))?;
+            eprintln!(" {:>8.0} conn/s", sample.conn_per_s);
+            samples.entry(config).or_default().push(sample);
+        }
+    }
+    let report = Report::new(&samples);
+    println!("{}", report.table(seconds, rounds));
+    std::fs::write(json_out, serde_json::to_string_pretty(&report.json(seconds, rounds))?)
+        .with_context(|| format!("failed to write {}", json_out.display()))?;
+    eprintln!("bench: results written to {}", json_out.display());
+    Ok(())
+}
+
+/// A network namespace for the storm, deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn create() -> anyhow::Result<Self> {
+        let name = format!("twtrace-bench-{}", std::process::id());
+        run_ok(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Self { name };
+        run_ok(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
+        // Client-closes-first at ~10k conn/s leaves 10k TIME_WAIT sockets a second: let
+        // connect() reuse them after 1 s, as a busy client host would be configured.
+        run_ok(Command::new("ip").args([
+            "netns",
+            "exec",
+            &ns.name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.tcp_tw_reuse=1",
+        ]))?;
+        Ok(ns)
+    }
+
+    fn storm(&self, seconds: f64) -> anyhow::Result<(u64, f64)> {
+        let me = std::env::current_exe().context("cannot find the xtask executable")?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .arg(me)
+            .args(["storm", "--seconds", &seconds.to_string()])
+            .output()
+            .context("failed to run the storm")?;
+        if !out.status.success() {
+            bail!("the storm failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let connections = word_after(&text, "connections").context("storm printed no count")?;
+        let elapsed = word_after(&text, "seconds").context("storm printed no time")?;
+        Ok((connections as u64, elapsed))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "delete", &self.name]).status();
+    }
+}
+
+/// Turns on `kernel.bpf_stats_enabled` and restores the previous value on drop.
+struct BpfStats {
+    previous: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> anyhow::Result<Self> {
+        let previous = std::fs::read_to_string(BPF_STATS)
+            .with_context(|| format!("failed to read {BPF_STATS}"))?;
+        std::fs::write(BPF_STATS, "1").with_context(|| format!("failed to enable {BPF_STATS}"))?;
+        Ok(Self { previous: previous.trim().to_owned() })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(BPF_STATS, &self.previous) {
+            eprintln!("bench: failed to restore {BPF_STATS} to {}: {e}", self.previous);
+        }
+    }
+}
+
+fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.output().with_context(|| format!("failed to run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn word_after(text: &str, key: &str) -> Option<f64> {
+    let mut words = text.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == key {
+            return words.next()?.parse().ok();
+        }
+    }
+    None
+}
+
+/// A tracer under test, with its output consumed by threads (never a full pipe).
+struct Tool {
+    child: Child,
+    stdout_lines: mpsc::Receiver<u64>,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Tool {
+    /// Starts `cmd` and waits until `ready` matches a line of its stdout or stderr.
+    fn start(mut cmd: Command, ready: fn(&str) -> bool) -> anyhow::Result<Self> {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("failed to start {cmd:?}"))?;
+        let (ready_tx, ready_rx) = mpsc::channel::<()>();
+        let (lines_tx, lines_rx) = mpsc::channel();
+        let (err_tx, err_rx) = mpsc::channel();
+        let stdout = child.stdout.take().context("no stdout")?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let ready_out = ready_tx.clone();
+        std::thread::spawn(move || {
+            let mut lines = 0u64;
+            let mut reader = BufReader::with_capacity(1 << 20, stdout);
+            let mut line = Vec::new();
+            let mut signalled = false;
+            while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+                if !signalled && ready(&String::from_utf8_lossy(&line)) {
+                    let _ = ready_out.send(());
+                    signalled = true;
+                } else {
+                    lines += 1;
+                }
+                line.clear();
+            }
+            let _ = lines_tx.send(lines);
+        });
+        std::thread::spawn(move || {
+            let mut all = String::new();
+            let mut reader = BufReader::new(stderr);
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                if ready(&line) {
+                    let _ = ready_tx.send(());
+                }
+                all.push_str(&line);
+                line.clear();
+            }
+            let _ = err_tx.send(all);
+        });
+        if ready_rx.recv_timeout(Duration::from_secs(120)).is_err() {
+            let _ = child.kill();
+            let stderr = err_rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+            bail!("{cmd:?} did not become ready: {stderr}");
+        }
+        // Let attach-time work settle before the load starts.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Self { child, stdout_lines: lines_rx, stderr: err_rx })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the tool with SIGINT (bounded wait) and returns its stdout line count and stderr.
+    fn stop(mut self) -> anyhow::Result<(u64, String)> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("the tool did not exit within 60 s of SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let lines = self.stdout_lines.recv_timeout(Duration::from_secs(30)).unwrap_or(0);
+        let stderr = self.stderr.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        Ok((lines, stderr))
+    }
+}
+
+/// User + system CPU seconds of a process so far.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz)
+}
+
+/// Run statistics of the BPF programs a process holds: (busiest program's ns/run,
+/// total run time ns, recursion misses).
+fn bpf_stats(pid: u32) -> Option<(f64, u64, u64)> {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).ok()? {
+        let info = std::fs::read_to_string(entry.ok()?.path()).unwrap_or_default();
+        if let Some(id) = info.lines().find_map(|l| l.strip_prefix("prog_id:")) {
+            ids.push(id.trim().to_owned());
+        }
+    }
+    let (mut busiest, mut total_ns, mut misses) = ((0u64, 0u64), 0u64, 0u64);
+    for id in ids {
+        let out =
+            Command::new("bpftool").args(["prog", "show", "id", &id, "--json"]).output().ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let (ns, cnt) =
+            (v["run_time_ns"].as_u64().unwrap_or(0), v["run_cnt"].as_u64().unwrap_or(0));
+        total_ns += ns;
+        misses += v["recursion_misses"].as_u64().unwrap_or(0);
+        if cnt > busiest.1 {
+            busiest = (ns, cnt);
+        }
+    }
+    (busiest.1 > 0).then(|| (busiest.0 as f64 / busiest.1 as f64, total_ns, misses))
+}
+
+fn measure(
+    config: Config,
+    ns: &Netns,
+    twtrace: &Path,
+    scratch: &Path,
+    seconds: f64,
+) -> anyhow::Result<Sample> {
+    let recording = scratch.join("bench.twtrace");
+    let tool = match config {
+        Config::Untraced => None,
+        Config::TwtraceTrace => {
+            let mut cmd = Command::new(twtrace);
+            cmd.args(["trace", "--json"]);
+            Some(Tool::start(cmd, |l| l.starts_with("twtrace: tracing"))?)
+        }
+        Config::TwtraceRecord => {
+            let mut cmd = Command::new(twtrace);
+            cmd.args(["record", "-o"]).arg(&recording);
+            Some(Tool::start(cmd, |l| l.starts_with("twtrace: tracing"))?)
+        }
+        Config::Tcpstates => {
+            let mut cmd = Command::new("tcpstates");
+            cmd.arg("-T");
+            Some(Tool::start(cmd, |l| l.contains("SKADDR"))?)
+        }
+        Config::Bpftrace => {
+            let mut cmd = Command::new("bpftrace");
+            cmd.args([
+                "-e",
+                "tracepoint:sock:inet_sock_set_state { printf(\"%llu %d %s %d %d %d %d\\n\", nsecs, pid, comm, \
+                 args->sport, args->dport, args->oldstate, args->newstate); }",
+            ]);
+            Some(Tool::start(cmd, |l| l.starts_with("Attaching"))?)
+        }
+    };
+    let cpu_before = tool.as_ref().and_then(|t| cpu_seconds(t.pid()));
+    let (connections, elapsed) = ns.storm(seconds)?;
+    let mut sample =
+        Sample { conn_per_s: connections as f64 / elapsed, connections, ..Sample::default() };
+    let Some(tool) = tool else {
+        return Ok(sample);
+    };
+    // Give the tool a moment to drain what the storm produced, then read its counters
+    // while its programs are still loaded.
+    std::thread::sleep(Duration::from_millis(500));
+    if let Some((ns_per_run, total_ns, misses)) = bpf_stats(tool.pid()) {
+        sample.ns_per_run = Some(ns_per_run);
+        sample.bpf_ns_per_connection = Some(total_ns as f64 / connections.max(1) as f64);
+        sample.recursion_misses = Some(misses);
+    }
+    let cpu_after = cpu_seconds(tool.pid());
+    sample.cpu_s = cpu_before.zip(cpu_after).map(|(a, b)| b - a);
+    let (lines, stderr) = tool.stop()?;
+    match config {
+        Config::TwtraceTrace | Config::TwtraceRecord => {
+            // "twtrace: N events (…), M shown, L lost, …"
+            let summary = stderr.lines().find(|l| l.contains(" events (")).unwrap_or_default();
+            sample.delivered = summary.split_whitespace().nth(1).and_then(|w| w.parse().ok());
+            sample.lost = word_before(summary, "lost").map(|v| v as u64);
+            if config == Config::TwtraceRecord {
+                let recorded =
+                    stderr.lines().find(|l| l.contains("bytes/event")).unwrap_or_default();
+                sample.bytes_per_event = word_before(recorded, "bytes/event)");
+            }
+        }
+        Config::Tcpstates | Config::Bpftrace => {
+            sample.delivered = Some(lines);
+            // tcpstates: "lost N events on CPU #C"; bpftrace: "Lost N events".
+            let lost: u64 = stderr
+                .lines()
+                .filter_map(|l| {
+                    let lower = l.to_ascii_lowercase();
+                    lower
+                        .strip_prefix("lost ")
+                        .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+                })
+                .sum();
+            sample.lost = Some(lost);
+        }
+        Config::Untraced => {}
+    }
+    let _ = std::fs::remove_file(&recording);
+    Ok(sample)
+}
+
+fn word_before(text: &str, key: &str) -> Option<f64> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let at = words.iter().position(|w| w.trim_end_matches(',') == key)?;
+    words.get(at.checked_sub(1)?)?.trim_end_matches(',').parse().ok()
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    })
+}
+
+/// Medians per configuration.
+struct Row {
+    config: Config,
+    conn_per_s: f64,
+    ratio: f64,
+    ns_per_run: Option<f64>,
+    bpf_ns_per_connection: Option<f64>,
+    delivered_ratio: Option<f64>,
+    lost: Option<f64>,
+    recursion_misses: Option<f64>,
+    cpu_ms_per_m_events: Option<f64>,
+    cpu_percent: Option<f64>,
+    bytes_per_event: Option<f64>,
+}
+
+struct Report {
+    rows: Vec<Row>,
+}
+
+impl Report {
+    fn new(samples: &BTreeMap<Config, Vec<Sample>>) -> Self {
+        let med = |config: Config, f: &dyn Fn(&Sample) -> Option<f64>| {
+            median(
+                samples.get(&config).map(|s| s.iter().filter_map(f).collect()).unwrap_or_default(),
+            )
+        };
+        let base = med(Config::Untraced, &|s| Some(s.conn_per_s)).unwrap_or(f64::NAN);
+        let rows = Config::ALL
+            .iter()
+            .map(|&config| {
+                let conn_per_s = med(config, &|s| Some(s.conn_per_s)).unwrap_or(f64::NAN);
+                Row {
+                    config,
+                    conn_per_s,
+                    ratio: conn_per_s / base,
+                    ns_per_run: med(config, &|s| s.ns_per_run),
+                    bpf_ns_per_connection: med(config, &|s| s.bpf_ns_per_connection),
+                    delivered_ratio: med(config, &|s| {
+                        s.delivered
+                            .map(|d| d as f64 / (s.connections * EVENTS_PER_CONNECTION) as f64)
+                    }),
+                    lost: med(config, &|s| s.lost.map(|l| l as f64)),
+                    recursion_misses: med(config, &|s| s.recursion_misses.map(|l| l as f64)),
+                    cpu_ms_per_m_events: med(config, &|s| {
+                        let events = s.delivered? as f64;
+                        let cpu_s = s.cpu_s?;
+                        (events > 0.0).then(|| cpu_s * 1e3 / (events / 1e6))
+                    }),
+                    cpu_percent: med(config, &|s| {
+                        Some(s.cpu_s? * 100.0 / (s.connections as f64 / s.conn_per_s))
+                    }),
+                    bytes_per_event: med(config, &|s| s.bytes_per_event),
+                }
+            })
+            .collect();
+        Self { rows }
+    }
+
+    fn table(&self, seconds: f64, rounds: usize) -> String {
+        let opt = |v: Option<f64>, prec: usize| {
+            v.map(|v| format!("{v:.prec$}")).unwrap_or_else(|| "-".into())
+        };
+        let mut out = format!(
+            "Loopback connect/close storm in a private netns, {seconds} s x {rounds} rounds, medians.\n\n\
+             | tool | conn/s | vs untraced | ns per BPF run | BPF ns per conn | delivered / expected | lost | skipped runs | user CPU ms per M events | CPU % of a core | bytes/event |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        );
+        for r in &self.rows {
+            out.push_str(&format!(
+                "| {} | {:.0} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                r.config.name(),
+                r.conn_per_s,
+                r.ratio,
+                opt(r.ns_per_run, 0),
+                opt(r.bpf_ns_per_connection, 0),
+                opt(r.delivered_ratio, 3),
+                opt(r.lost, 0),
+                opt(r.recursion_misses, 0),
+                opt(r.cpu_ms_per_m_events, 0),
+                opt(r.cpu_percent, 1),
+                opt(r.bytes_per_event, 1),
+            ));
+        }
+        out
+    }
+
+    fn json(&self, seconds: f64, rounds: usize) -> serde_json::Value {
+        json!({
+            "seconds_per_run": seconds,
+            "rounds": rounds,
+            "events_per_connection": EVENTS_PER_CONNECTION,
+            "results": self.rows.iter().map(|r| json!({
+                "tool": r.config.name(),
+                "conn_per_s": r.conn_per_s,
+                "ratio_to_untraced": r.ratio,
+                "ns_per_bpf_run": r.ns_per_run,
+                "bpf_ns_per_connection": r.bpf_ns_per_connection,
+                "delivered_ratio": r.delivered_ratio,
+                "lost": r.lost,
+                "recursion_misses": r.recursion_misses,
+                "user_cpu_ms_per_million_events": r.cpu_ms_per_m_events,
+                "cpu_percent_of_one_core": r.cpu_percent,
+                "bytes_per_event": r.bytes_per_event,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
+    }
+
+    #[test]
+    fn parses_tool_summaries() {
+        let s = "twtrace: 123 events (10 time_wait, 0 failures), 123 shown, 7 lost, 0 undecodable";
+        assert_eq!(s.split_whitespace().nth(1), Some("123"));
+        assert_eq!(word_before(s, "lost"), Some(7.0));
+        let r = "twtrace: recorded 5 events to /x (150 bytes, 30 bytes/event)";
+        assert_eq!(word_before(r, "bytes/event)"), Some(30.0));
+        assert_eq!(word_after("connections 10 failures 0 seconds 1.5", "seconds"), Some(1.5));
+    }
+
+    #[test]
+    fn cpu_of_this_process_is_readable() {
+        assert!(cpu_seconds(std::process::id()).is_some());
+    }
+}

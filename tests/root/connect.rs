@@ -132,16 +132,16 @@ fn port_exhaustion(ip: IpAddr, hooks: &str) {
     let summary = wait_output(client, "client");
     let mut server = server;
     wait_ok(&mut server, "server");
-    let events = stop(tracer);
-
     // Ground truth is what the client saw: some connects succeeded (each leaves its
     // port in TIME_WAIT), the rest failed with EADDRNOTAVAIL once the range ran dry.
     let (connected, failed) = (field(&summary, "connected"), field(&summary, "failed"));
+    // At most one TIME_WAIT per port remains (6.1 and 6.12 sometimes let one connection
+    // more through than the range has ports).
+    ns.wait_for_time_wait((connected as usize).min(usize::from(RANGE.1 - RANGE.0 + 1)));
+    let events = stop(tracer);
+
     assert_eq!(connected + failed, attempts as i64, "{summary}");
-    assert!(
-        failed > 0 && connected <= i64::from(RANGE.1 - RANGE.0 + 1),
-        "the range ran dry: {summary}"
-    );
+    assert!(failed > 0, "the range ran dry: {summary}");
     assert_eq!(field(&summary, "errno"), i64::from(libc::EADDRNOTAVAIL), "{summary}");
 
     let errors = failures(&events, "connect_error");

@@ -67,7 +67,7 @@ fn traffic(ns: &Netns, connections: usize) {
     );
     wait_ok(&mut client, "client");
     wait_ok(&mut server, "server");
-    std::thread::sleep(Duration::from_millis(300));
+    ns.wait_for_time_wait(connections);
 }
 
 fn lines(bytes: &[u8]) -> Vec<String> {

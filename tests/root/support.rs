@@ -27,6 +27,24 @@ impl Netns {
         ns
     }
 
+    /// Waits (bounded) until the kernel holds `n` TIME_WAIT sockets in the namespace: the
+    /// last FIN of a scenario may be processed by ksoftirqd after the processes exited,
+    /// late on a slow (emulated) machine.
+    pub fn wait_for_time_wait(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let count = self.exec(&["ss", "-Htan", "state", "time-wait"]).lines().count();
+            if count >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {count} of {n} sockets reached TIME_WAIT in 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Path to pass to setns(2).
     pub fn path(&self) -> String {
         format!("/run/netns/{}", self.name)

@@ -1,10 +1,7 @@
 //! `twtrace trace` against ground truth made by the test: known processes open and close
 //! connections in a private network namespace; the events must name them.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    time::Duration,
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use libtest_mimic::Trial;
 use serde_json::Value;
@@ -57,8 +54,7 @@ fn run_scenario(
     let (server_pid, client_pid) = (server.id(), client.id());
     wait_ok(&mut client, "client");
     wait_ok(&mut server, "server");
-    // The last FIN/ACK exchange finishes in microseconds on loopback.
-    std::thread::sleep(Duration::from_millis(300));
+    ns.wait_for_time_wait(count);
     let out = tracer.stop();
     assert!(out.status.success(), "twtrace failed: {}", String::from_utf8_lossy(&out.stderr));
     let stderr = String::from_utf8_lossy(&out.stderr);

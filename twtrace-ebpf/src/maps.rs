@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf},
 };
 use twtrace_common::{
-    FailureEvent, Task,
+    Task,
     config::{KernelLayout, ResetLayout, SockStateLayout, SyscallLayout},
     counters,
 };
@@ -15,6 +15,31 @@ use twtrace_common::{
 /// Events to userspace. Size set by userspace (`--ring-buffer-size`).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 21, 0);
+
+/// Wake userspace only once this many bytes wait in [`EVENTS`] (0: on every event).
+/// A wakeup per event is what makes other tracers expensive under load; userspace also
+/// drains on a short timer, so a quiet trace still shows its events promptly.
+#[unsafe(no_mangle)]
+pub static WAKEUP_BYTES: Global<u32> = Global::new(0);
+
+/// The flags for submitting an event: see [`WAKEUP_BYTES`].
+#[inline(always)]
+pub fn wakeup_flags() -> u64 {
+    let threshold = WAKEUP_BYTES.load();
+    if threshold == 0 {
+        return 0;
+    }
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= u64::from(threshold) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
+// From include/uapi/linux/bpf.h.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
 
 /// What the kernel side could not do, per CPU (see `twtrace_common::counters`).
 #[map]

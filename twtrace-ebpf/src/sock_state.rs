@@ -24,7 +24,7 @@ use crate::{
     kernel::{port_settings, socket_error, socket_netns},
     maps::{
         CALL_CONNECT, EVENTS, LISTENERS, PENDING_CALLS, SOCK_STATE_LAYOUT, SOCKETS, SocketEntry,
-        count, listener_key,
+        count, listener_key, wakeup_flags,
     },
 };
 
@@ -121,7 +121,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         saddr,
         daddr,
     });
-    entry.submit(0);
+    entry.submit(wakeup_flags());
     Ok(())
 }
 
@@ -154,7 +154,7 @@ pub fn emit_failure(kind: EventKind, failure: &FailureEvent, now: u64) {
         ev.settings_known = 1;
     }
     entry.write(ev);
-    entry.submit(0);
+    entry.submit(wakeup_flags());
 }
 
 /// Follows connect() through the state changes it causes. CLOSE -> SYN_SENT in the

@@ -268,6 +268,12 @@ pub struct KernelArgs {
     #[arg(long, value_name = "BYTES", default_value = "4M", value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
 
+    /// Bytes waiting in the ring buffer before the kernel wakes twtrace (0: on every
+    /// event, as other tracers do). Default: an eighth of the ring buffer, at most 256K;
+    /// twtrace also drains every 50 ms, so events never wait longer than that.
+    #[arg(long, value_name = "BYTES")]
+    pub wakeup_bytes: Option<u32>,
+
     /// How many live sockets the kernel-side owner table can track.
     #[arg(long, value_name = "N", default_value_t = 65536,
           value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
@@ -291,6 +297,7 @@ impl KernelArgs {
             max_sockets: self.max_sockets,
             btf: self.btf.clone(),
             port_search_hooks: self.port_search_hooks,
+            wakeup_bytes: self.wakeup_bytes,
             // aya-log levels: 1 error, 2 warn, 3 info, 4 debug, 5 trace.
             kernel_log_level: 2 + verbose.min(3),
         }

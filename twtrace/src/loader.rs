@@ -32,6 +32,8 @@ pub struct Options {
     pub kernel_log_level: u8,
     /// How to hook the kernel's port search.
     pub port_search_hooks: PortSearchHooks,
+    /// Ring-buffer bytes before a wakeup; `None` for the default.
+    pub wakeup_bytes: Option<u32>,
 }
 
 /// Ways to hook the kernel's local-port search.
@@ -91,6 +93,14 @@ impl Tracer {
             .override_global("BIND_LAYOUT", &bind_layout.unwrap_or_default(), true)
             .override_global("KERNEL_LAYOUT", &kernel_layout, true)
             .override_global("AYA_LOG_LEVEL", &opts.kernel_log_level, false)
+            .override_global(
+                "WAKEUP_BYTES",
+                &opts
+                    .wakeup_bytes
+                    .unwrap_or_else(|| wakeup_bytes(opts.ring_buffer_bytes))
+                    .min(opts.ring_buffer_bytes / 2),
+                true,
+            )
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
             .map_max_entries("SOCKETS", opts.max_sockets)
             .load(EBPF_OBJECT)
@@ -315,6 +325,16 @@ fn syscall_layout(
         .with_context(|| format!("unsupported syscalls:sys_*_{call} layout on this kernel"))
         .map(Some)
 }
+
+/// How much data waits in the ring buffer before the kernel wakes the reader: an eighth
+/// of it, at most 256 KiB (about 2,500 events), so the reader wakes a few times a second
+/// under load and never lets the buffer fill; [`DRAIN_EVERY`] bounds the delay otherwise.
+fn wakeup_bytes(ring_buffer_bytes: u32) -> u32 {
+    (ring_buffer_bytes / 8).min(256 * 1024)
+}
+
+/// How often the reader drains the ring buffer without a wakeup.
+pub const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it where allowed.
 fn raise_memlock_limit() {

@@ -17,9 +17,9 @@ use serde_json::json;
 
 use crate::setup;
 
-/// Transitions per storm connection: client CLOSE->SYN_SENT->ESTABLISHED->FIN_WAIT1->
-/// FIN_WAIT2->(TIME_WAIT), accepted socket LISTEN->SYN_RECV->ESTABLISHED->CLOSE_WAIT->
-/// LAST_ACK->CLOSE.
+/// Transitions per storm connection: client CLOSE->SYN_SENT->ESTABLISHED->CLOSE_WAIT->
+/// LAST_ACK->CLOSE, accepted socket LISTEN->SYN_RECV->ESTABLISHED->FIN_WAIT1->FIN_WAIT2->
+/// (TIME_WAIT).
 const EVENTS_PER_CONNECTION: u64 = 10;
 
 /// What runs during a measurement.
@@ -27,15 +27,19 @@ const EVENTS_PER_CONNECTION: u64 = 10;
 enum Config {
     Untraced,
     TwtraceTrace,
+    /// twtrace with a ring-buffer wakeup per event, as other tracers do: the baseline for
+    /// twtrace's batched wakeups.
+    TwtraceWakeEach,
     TwtraceRecord,
     Tcpstates,
     Bpftrace,
 }
 
 impl Config {
-    const ALL: [Config; 5] = [
+    const ALL: [Config; 6] = [
         Config::Untraced,
         Config::TwtraceTrace,
+        Config::TwtraceWakeEach,
         Config::TwtraceRecord,
         Config::Tcpstates,
         Config::Bpftrace,
@@ -45,6 +49,7 @@ impl Config {
         match self {
             Config::Untraced => "untraced",
             Config::TwtraceTrace => "twtrace trace --json",
+            Config::TwtraceWakeEach => "twtrace trace --json --wakeup-bytes 0",
             Config::TwtraceRecord => "twtrace record",
             Config::Tcpstates => "tcpstates (libbpf-tools)",
             Config::Bpftrace => "bpftrace printf",
@@ -129,16 +134,6 @@ impl Netns {
         run_ok(Command::new("ip").args(["netns", "add", &name]))?;
         let ns = Self { name };
         run_ok(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
-        // Client-closes-first at ~10k conn/s leaves 10k TIME_WAIT sockets a second: let
-        // connect() reuse them after 1 s, as a busy client host would be configured.
-        run_ok(Command::new("ip").args([
-            "netns",
-            "exec",
-            &ns.name,
-            "sysctl",
-            "-qw",
-            "net.ipv4.tcp_tw_reuse=1",
-        ]))?;
         Ok(ns)
     }
 
@@ -215,9 +210,22 @@ struct Tool {
     stderr: mpsc::Receiver<String>,
 }
 
+/// How to tell that a tool has attached its programs.
+#[derive(Clone, Copy)]
+enum Ready {
+    /// It prints a line (stdout or stderr) that this matches.
+    Line(fn(&str) -> bool),
+    /// It says nothing unbuffered: it holds BPF programs (then a second to attach them).
+    Programs,
+}
+
 impl Tool {
-    /// Starts `cmd` and waits until `ready` matches a line of its stdout or stderr.
-    fn start(mut cmd: Command, ready: fn(&str) -> bool) -> anyhow::Result<Self> {
+    /// Starts `cmd` and waits until it is ready.
+    fn start(mut cmd: Command, ready: Ready) -> anyhow::Result<Self> {
+        let matches = match ready {
+            Ready::Line(f) => f,
+            Ready::Programs => |_: &str| false,
+        };
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -235,7 +243,7 @@ impl Tool {
             let mut line = Vec::new();
             let mut signalled = false;
             while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-                if !signalled && ready(&String::from_utf8_lossy(&line)) {
+                if !signalled && matches(&String::from_utf8_lossy(&line)) {
                     let _ = ready_out.send(());
                     signalled = true;
                 } else {
@@ -250,7 +258,7 @@ impl Tool {
             let mut reader = BufReader::new(stderr);
             let mut line = String::new();
             while reader.read_line(&mut line).unwrap_or(0) > 0 {
-                if ready(&line) {
+                if matches(&line) {
                     let _ = ready_tx.send(());
                 }
                 all.push_str(&line);
@@ -258,7 +266,23 @@ impl Tool {
             }
             let _ = err_tx.send(all);
         });
-        if ready_rx.recv_timeout(Duration::from_secs(120)).is_err() {
+        let became_ready = match ready {
+            Ready::Line(_) => ready_rx.recv_timeout(Duration::from_secs(120)).is_ok(),
+            Ready::Programs => {
+                let pid = child.id();
+                let deadline = Instant::now() + Duration::from_secs(120);
+                let mut loaded = false;
+                while !loaded && Instant::now() < deadline && child.try_wait()?.is_none() {
+                    loaded = bpf_prog_ids(pid).is_some_and(|ids| !ids.is_empty());
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                if loaded {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                loaded
+            }
+        };
+        if !became_ready {
             let _ = child.kill();
             let stderr = err_rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
             bail!("{cmd:?} did not become ready: {stderr}");
@@ -301,9 +325,8 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / hz)
 }
 
-/// Run statistics of the BPF programs a process holds: (busiest program's ns/run,
-/// total run time ns, recursion misses).
-fn bpf_stats(pid: u32) -> Option<(f64, u64, u64)> {
+/// Ids of the BPF programs a process holds open.
+fn bpf_prog_ids(pid: u32) -> Option<Vec<String>> {
     let mut ids = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).ok()? {
         let info = std::fs::read_to_string(entry.ok()?.path()).unwrap_or_default();
@@ -311,6 +334,13 @@ fn bpf_stats(pid: u32) -> Option<(f64, u64, u64)> {
             ids.push(id.trim().to_owned());
         }
     }
+    Some(ids)
+}
+
+/// Run statistics of the BPF programs a process holds: (busiest program's ns/run,
+/// total run time ns, recursion misses).
+fn bpf_stats(pid: u32) -> Option<(f64, u64, u64)> {
+    let ids = bpf_prog_ids(pid)?;
     let (mut busiest, mut total_ns, mut misses) = ((0u64, 0u64), 0u64, 0u64);
     for id in ids {
         let out =
@@ -340,17 +370,22 @@ fn measure(
         Config::TwtraceTrace => {
             let mut cmd = Command::new(twtrace);
             cmd.args(["trace", "--json"]);
-            Some(Tool::start(cmd, |l| l.starts_with("twtrace: tracing"))?)
+            Some(Tool::start(cmd, Ready::Line(|l| l.starts_with("twtrace: tracing")))?)
+        }
+        Config::TwtraceWakeEach => {
+            let mut cmd = Command::new(twtrace);
+            cmd.args(["trace", "--json", "--wakeup-bytes", "0"]);
+            Some(Tool::start(cmd, Ready::Line(|l| l.starts_with("twtrace: tracing")))?)
         }
         Config::TwtraceRecord => {
             let mut cmd = Command::new(twtrace);
             cmd.args(["record", "-o"]).arg(&recording);
-            Some(Tool::start(cmd, |l| l.starts_with("twtrace: tracing"))?)
+            Some(Tool::start(cmd, Ready::Line(|l| l.starts_with("twtrace: tracing")))?)
         }
         Config::Tcpstates => {
             let mut cmd = Command::new("tcpstates");
             cmd.arg("-T");
-            Some(Tool::start(cmd, |l| l.contains("SKADDR"))?)
+            Some(Tool::start(cmd, Ready::Programs)?)
         }
         Config::Bpftrace => {
             let mut cmd = Command::new("bpftrace");
@@ -359,7 +394,7 @@ fn measure(
                 "tracepoint:sock:inet_sock_set_state { printf(\"%llu %d %s %d %d %d %d\\n\", nsecs, pid, comm, \
                  args->sport, args->dport, args->oldstate, args->newstate); }",
             ]);
-            Some(Tool::start(cmd, |l| l.starts_with("Attaching"))?)
+            Some(Tool::start(cmd, Ready::Programs)?)
         }
     };
     let cpu_before = tool.as_ref().and_then(|t| cpu_seconds(t.pid()));
@@ -381,7 +416,7 @@ fn measure(
     sample.cpu_s = cpu_before.zip(cpu_after).map(|(a, b)| b - a);
     let (lines, stderr) = tool.stop()?;
     match config {
-        Config::TwtraceTrace | Config::TwtraceRecord => {
+        Config::TwtraceTrace | Config::TwtraceWakeEach | Config::TwtraceRecord => {
             // "twtrace: N events (…), M shown, L lost, …"
             let summary = stderr.lines().find(|l| l.contains(" events (")).unwrap_or_default();
             sample.delivered = summary.split_whitespace().nth(1).and_then(|w| w.parse().ok());

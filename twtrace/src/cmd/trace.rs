@@ -80,6 +80,9 @@ async fn run(
     let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
     let mut every_second = tokio::time::interval(Duration::from_secs(1));
+    // The kernel wakes us only when enough data waits (WAKEUP_BYTES): drain regularly too.
+    let mut drain_tick = tokio::time::interval(crate::loader::DRAIN_EVERY);
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = tokio::time::sleep(duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
 
@@ -103,6 +106,7 @@ async fn run(
                 drain(guard.get_inner_mut(), &mut pipeline)?;
                 guard.clear_ready();
             }
+            _ = drain_tick.tick() => drain(events.get_mut(), &mut pipeline)?,
             guard = kernel_log.readable_mut() => {
                 let mut guard = guard.context("failed to wait for the kernel log")?;
                 guard.get_inner_mut().flush();

@@ -14,8 +14,16 @@ pub const READ_FAILED: u32 = 3;
 /// In-flight connect()/bind() table full: the oldest call was forgotten.
 pub const SYSCALL_TABLE_FULL: u32 = 4;
 
-/// Number of counters; the size of the `COUNTERS` map.
-pub const COUNT: u32 = 5;
+/// Number of counters the programs keep; the size of the `COUNTERS` map.
+pub const KERNEL_COUNT: u32 = 5;
+
+/// Runs of twtrace's programs the kernel skipped (`recursion_misses`: a program was
+/// already running on that CPU, e.g. interrupted by a softirq): events never seen.
+/// Userspace reads it from the kernel's per-program statistics, not from `COUNTERS`.
+pub const SKIPPED_RUNS: u32 = 5;
+
+/// Number of counters reported to the user and recorded.
+pub const COUNT: u32 = 6;
 
 /// Human names, indexed like the counters above.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -24,4 +32,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "listener table full (accepted owner unknown)",
     "tracepoint read failures",
     "in-flight connect/bind table evictions",
+    "program runs skipped by the kernel (events missed)",
 ];

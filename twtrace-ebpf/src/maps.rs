@@ -43,7 +43,7 @@ const BPF_RB_AVAIL_DATA: u64 = 0;
 
 /// What the kernel side could not do, per CPU (see `twtrace_common::counters`).
 #[map]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::KERNEL_COUNT, 0);
 
 /// Per live socket: who owns it and when it last changed state. Keyed by `struct sock *`.
 /// Entries are removed when the socket reaches CLOSE, so the table holds live sockets only.

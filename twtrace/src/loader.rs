@@ -151,17 +151,19 @@ impl Tracer {
         aya_log::EbpfLogger::init(&mut self.ebpf).context("failed to set up the kernel log")
     }
 
-    /// Reads the kernel-side counters (see `twtrace_common::counters`), summed over CPUs.
+    /// Reads the kernel-side counters (see `twtrace_common::counters`), summed over CPUs,
+    /// and the runs the kernel skipped.
     pub fn counters(&self) -> anyhow::Result<[u64; counters::COUNT as usize]> {
         let map = self.ebpf.map("COUNTERS").context("the COUNTERS map is missing")?;
         let array =
             PerCpuArray::<_, u64>::try_from(map).context("COUNTERS is not a per-CPU array")?;
         let mut out = [0u64; counters::COUNT as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
+        for (i, slot) in out.iter_mut().take(counters::KERNEL_COUNT as usize).enumerate() {
             let values =
                 array.get(&(i as u32), 0).with_context(|| format!("failed to read counter {i}"))?;
             *slot = values.iter().sum();
         }
+        out[counters::SKIPPED_RUNS as usize] = skipped_runs();
         Ok(out)
     }
 }
@@ -324,6 +326,23 @@ fn syscall_layout(
     read()
         .with_context(|| format!("unsupported syscalls:sys_*_{call} layout on this kernel"))
         .map(Some)
+}
+
+/// Runs of this process's BPF programs the kernel skipped (`recursion_misses` in the
+/// programs' fdinfo, Linux 5.12+): aya's program info does not expose it.
+fn skipped_runs() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
+        .filter(|info| info.contains("prog_id:"))
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("recursion_misses:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
 }
 
 /// How much data waits in the ring buffer before the kernel wakes the reader: an eighth

@@ -104,9 +104,10 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Events the kernel side dropped (ring buffer full).
+    /// Events the kernel side lost: dropped (ring buffer full) or never seen (runs the
+    /// kernel skipped).
     pub fn lost_events(&self) -> u64 {
-        self.losses[counters::RINGBUF_FULL as usize]
+        self.losses[counters::RINGBUF_FULL as usize] + self.losses[counters::SKIPPED_RUNS as usize]
     }
 
     /// Pushes buffered output out (after each batch of events).

@@ -4,6 +4,10 @@
 //! writes them into the programs' read-only globals before loading, so nothing about a
 //! particular kernel's layout is compiled into the eBPF object.
 
+/// How many bytes of the `sock:inet_sock_set_state` record the program copies at once;
+/// every field must end within it (the record is 72 bytes from Linux 5.6 to 6.18).
+pub const RECORD_BYTES: usize = 96;
+
 /// Byte offsets of the fields of the `sock:inet_sock_set_state` tracepoint record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use twtrace_common::{
     Task,
-    config::{KernelLayout, ResetLayout, SockStateLayout, SyscallLayout},
+    config::{KernelLayout, RECORD_BYTES, ResetLayout, SockStateLayout, SyscallLayout},
     counters,
 };
 
@@ -44,6 +44,10 @@ const BPF_RB_AVAIL_DATA: u64 = 0;
 /// What the kernel side could not do, per CPU (see `twtrace_common::counters`).
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::KERNEL_COUNT, 0);
+
+/// Scratch space for the state hook's copy of its tracepoint record, one per CPU.
+#[map]
+pub static RECORD: PerCpuArray<[u8; RECORD_BYTES]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per live socket: who owns it and when it last changed state. Keyed by `struct sock *`.
 /// Entries are removed when the socket reaches CLOSE, so the table holds live sockets only.

@@ -7,15 +7,19 @@
 //! from the listener for accepted connections, and looked up for all other transitions.
 
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel_buf,
     },
     macros::tracepoint,
     programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
 use twtrace_common::{
-    Attribution, EventKind, FailureEvent, FailureSource, SockStateEvent, Task, counters,
+    Attribution, EventKind, FailureEvent, FailureSource, SockStateEvent, Task,
+    config::RECORD_BYTES,
+    counters,
     tcp::{self, AF_INET, AF_INET6, IPPROTO_TCP},
 };
 
@@ -23,8 +27,8 @@ use crate::{
     connect::resolve_async_failure,
     kernel::{port_settings, socket_error, socket_netns},
     maps::{
-        CALL_CONNECT, EVENTS, LISTENERS, PENDING_CALLS, SOCK_STATE_LAYOUT, SOCKETS, SocketEntry,
-        count, listener_key, wakeup_flags,
+        CALL_CONNECT, EVENTS, LISTENERS, PENDING_CALLS, RECORD, SOCK_STATE_LAYOUT, SOCKETS,
+        SocketEntry, count, listener_key, wakeup_flags,
     },
 };
 
@@ -48,26 +52,31 @@ struct Transition {
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     let layout = SOCK_STATE_LAYOUT.load();
-    // SAFETY (all read_at): offsets come from this kernel's format file for this record.
-    let protocol = unsafe {
-        if layout.protocol_size == 1 {
-            u16::from(ctx.read_at::<u8>(layout.protocol.into())?)
-        } else {
-            ctx.read_at::<u16>(layout.protocol.into())?
-        }
+    // The record in one helper call rather than one per field (this is the hot path),
+    // into a per-CPU buffer: the BPF stack has no room for it beside the event.
+    let buf = RECORD.get_ptr_mut(0).ok_or(0)?;
+    // SAFETY: copies the start of the tracepoint record into this CPU's buffer, which
+    // nothing else uses while this program runs; userspace checked that every field of
+    // this kernel's layout lies within RECORD_BYTES.
+    let rec: &[u8; RECORD_BYTES] = unsafe {
+        bpf_probe_read_kernel_buf(ctx.as_ptr().cast::<u8>(), &mut *buf)?;
+        &*buf
+    };
+    let protocol = if layout.protocol_size == 1 {
+        u16::from(field::<1>(rec, layout.protocol)[0])
+    } else {
+        u16::from_ne_bytes(field(rec, layout.protocol))
     };
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let t = unsafe {
-        Transition {
-            skaddr: ctx.read_at::<u64>(layout.skaddr.into())?,
-            old: ctx.read_at::<i32>(layout.oldstate.into())? as u8,
-            new: ctx.read_at::<i32>(layout.newstate.into())? as u8,
-            family: ctx.read_at::<u16>(layout.family.into())?,
-            sport: ctx.read_at::<u16>(layout.sport.into())?,
-            dport: ctx.read_at::<u16>(layout.dport.into())?,
-        }
+    let t = Transition {
+        skaddr: u64::from_ne_bytes(field(rec, layout.skaddr)),
+        old: i32::from_ne_bytes(field(rec, layout.oldstate)) as u8,
+        new: i32::from_ne_bytes(field(rec, layout.newstate)) as u8,
+        family: u16::from_ne_bytes(field(rec, layout.family)),
+        sport: u16::from_ne_bytes(field(rec, layout.sport)),
+        dport: u16::from_ne_bytes(field(rec, layout.dport)),
     };
     if t.family != AF_INET && t.family != AF_INET6 {
         warn!(ctx, "inet_sock_set_state: unexpected address family {}", t.family);
@@ -75,16 +84,12 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     }
     let mut saddr = [0u8; 16];
     let mut daddr = [0u8; 16];
-    // SAFETY: offsets from this kernel's format file for this record.
-    let read = unsafe {
-        if t.family == AF_INET {
-            read_addrs::<4>(ctx, layout.saddr, layout.daddr, &mut saddr, &mut daddr)
-        } else {
-            read_addrs::<16>(ctx, layout.saddr_v6, layout.daddr_v6, &mut saddr, &mut daddr)
-        }
-    };
-    if read.is_err() {
-        count(counters::READ_FAILED);
+    if t.family == AF_INET {
+        saddr[..4].copy_from_slice(&field::<4>(rec, layout.saddr));
+        daddr[..4].copy_from_slice(&field::<4>(rec, layout.daddr));
+    } else {
+        saddr = field(rec, layout.saddr_v6);
+        daddr = field(rec, layout.daddr_v6);
     }
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -203,23 +208,15 @@ fn track_connect(
     resolve_async_failure(&failure);
 }
 
-/// Copies the source and destination addresses (N bytes each) from the record.
-///
-/// # Safety
-/// The offsets must be those of this kernel's record.
+/// `N` bytes of the record at `offset` (zeros if out of range, which userspace rules out).
 #[inline(always)]
-unsafe fn read_addrs<const N: usize>(
-    ctx: &TracePointContext,
-    saddr_off: u16,
-    daddr_off: u16,
-    saddr: &mut [u8; 16],
-    daddr: &mut [u8; 16],
-) -> Result<(), i32> {
-    let s: [u8; N] = unsafe { ctx.read_at(saddr_off.into())? };
-    let d: [u8; N] = unsafe { ctx.read_at(daddr_off.into())? };
-    saddr[..N].copy_from_slice(&s);
-    daddr[..N].copy_from_slice(&d);
-    Ok(())
+fn field<const N: usize>(rec: &[u8; RECORD_BYTES], offset: u16) -> [u8; N] {
+    let offset = usize::from(offset);
+    let mut out = [0u8; N];
+    if let Some(bytes) = rec.get(offset..offset + N) {
+        out.copy_from_slice(bytes);
+    }
+    out
 }
 
 /// Updates the socket table for this transition and returns who owns the socket, how we

@@ -10,7 +10,7 @@ use aya::{
     programs::{FExit, KProbe, TracePoint},
 };
 use twtrace_common::{
-    config::{ResetLayout, SockStateLayout, SyscallLayout},
+    config::{RECORD_BYTES, ResetLayout, SockStateLayout, SyscallLayout},
     counters,
 };
 
@@ -287,6 +287,15 @@ fn sock_state_layout(tracefs: &Path) -> anyhow::Result<SockStateLayout> {
             daddr_v6: format.field("daddr_v6", &[16])?.offset,
         })
     };
+    // The program copies the first RECORD_BYTES of the record in one read.
+    if let Some(end) = format.end()
+        && usize::from(end) > RECORD_BYTES
+    {
+        bail!(
+            "the sock:inet_sock_set_state record is {end} bytes, more than the {RECORD_BYTES} \
+             twtrace reads: this kernel needs a newer twtrace"
+        );
+    }
     read().context("unsupported sock:inet_sock_set_state layout on this kernel")
 }
 

@@ -120,6 +120,11 @@ impl Format {
         Ok(Self { fields })
     }
 
+    /// Where the record's last field ends.
+    pub fn end(&self) -> Option<u16> {
+        self.fields.values().map(|f| f.offset + f.size).max()
+    }
+
     /// The field `name`, checked to be `sizes` bytes wide (any of them).
     pub fn field(&self, name: &str, sizes: &[u16]) -> anyhow::Result<Field> {
         let field = *self
@@ -157,6 +162,7 @@ print fmt: \"family=%s\"";
         assert_eq!(f.field("oldstate", &[4]).unwrap(), Field { offset: 16, size: 4 });
         assert_eq!(f.field("protocol", &[1, 2]).unwrap(), Field { offset: 30, size: 2 });
         assert_eq!(f.field("saddr_v6", &[16]).unwrap(), Field { offset: 40, size: 16 });
+        assert_eq!(f.end(), Some(56));
     }
 
     #[test]

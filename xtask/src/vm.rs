@@ -487,9 +487,13 @@ fn init_script(build: &Build, modules: &[PathBuf], args: &[String]) -> String {
         ("devtmpfs", "/dev"),
         // ip netns keeps its namespaces in /run/netns and needs a writable /run.
         ("tmpfs", "/run"),
-        ("tmpfs", "/tmp"),
         ("tracefs", "/sys/kernel/tracing"),
     ] {
+        // The initramfs root is writable already (so /tmp needs no tmpfs), and a mount over
+        // a directory holding the test binaries (a checkout under /run, say) would hide them.
+        if fs == "tmpfs" && build.tests.starts_with(dir) {
+            continue;
+        }
         let _ = writeln!(s, "mount -t {fs} {fs} {dir}");
     }
     s.push_str("ip link set lo up\n");
@@ -964,5 +968,23 @@ mod tests {
     #[test]
     fn quoting_survives_single_quotes() {
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    /// Regression: CI's checkout under /tmp was hidden by a tmpfs mounted over /tmp.
+    #[test]
+    fn init_does_not_mount_over_the_checkout() {
+        for root in ["/tmp/ci", "/run/ci", "/work/main"] {
+            let build = Build {
+                tests: Path::new(root).join("target/debug/deps/root-1"),
+                twtrace: Path::new(root).join("target/debug/twtrace"),
+                package_dir: Path::new(root).join("twtrace"),
+            };
+            let init = init_script(&build, &[], &[]);
+            for line in init.lines().filter(|l| l.starts_with("mount -t tmpfs")) {
+                let dir = line.rsplit(' ').next().unwrap();
+                assert!(!build.tests.starts_with(dir), "{line} hides {}", build.tests.display());
+            }
+            assert!(init.contains("mount -t proc proc /proc"));
+        }
     }
 }

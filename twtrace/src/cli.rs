@@ -165,6 +165,14 @@ pub enum ExportFormat {
     Csv,
 }
 
+/// Splits `100MB` into `(100, "MB")`; `None` without a leading number.
+pub(crate) fn number_and_unit(s: &str) -> Option<(u64, &str)> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    Some((digits.parse().ok()?, unit))
+}
+
 /// A duration like `30s`, `10m`, `8h` (or plain seconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DurationArg(std::time::Duration);
@@ -179,11 +187,8 @@ impl std::str::FromStr for DurationArg {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let t = s.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        let (digits, unit) = t.split_at(split);
-        let n: u64 =
-            digits.parse().map_err(|_| format!("`{s}` is not a duration like 30s, 10m or 8h"))?;
+        let (n, unit) = number_and_unit(s)
+            .ok_or_else(|| format!("`{s}` is not a duration like 30s, 10m or 8h"))?;
         let secs = match unit {
             "" | "s" => n,
             "m" => n * 60,

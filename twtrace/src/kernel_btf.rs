@@ -131,27 +131,25 @@ fn port_settings_layout(btf: &Btf) -> anyhow::Result<(u32, u32, u32, u32)> {
 
 /// The type of member `member` of `struct name`, typedefs resolved.
 fn member_type(btf: &Btf, name: &str, member: &str) -> anyhow::Result<Type> {
-    let root = btf
-        .resolve_types_by_name(name)
+    let (_, ty) = find_member(btf, &struct_type(btf, name)?, member, 0)?
+        .with_context(|| format!("struct {name} has no member `{member}`"))?;
+    Ok(ty)
+}
+
+/// `struct name` in the BTF.
+fn struct_type(btf: &Btf, name: &str) -> anyhow::Result<Type> {
+    btf.resolve_types_by_name(name)
         .with_context(|| format!("BTF has no type `{name}`"))?
         .into_iter()
         .find(|t| matches!(t, Type::Struct(_)))
-        .with_context(|| format!("BTF has no struct `{name}`"))?;
-    let (_, ty) = find_member(btf, &root, member, 0)?
-        .with_context(|| format!("struct {name} has no member `{member}`"))?;
-    Ok(ty)
+        .with_context(|| format!("BTF has no struct `{name}`"))
 }
 
 /// Byte offset of the member reached by `path` from `struct name`. Anonymous struct and
 /// union members are searched through, as C's member access does.
 pub fn offset_of(btf: &Btf, name: &str, path: &[&str]) -> anyhow::Result<u32> {
     let what = || format!("struct {name}.{}", path.join("."));
-    let root = btf
-        .resolve_types_by_name(name)
-        .with_context(|| format!("BTF has no type `{name}`"))?
-        .into_iter()
-        .find(|t| matches!(t, Type::Struct(_)))
-        .with_context(|| format!("BTF has no struct `{name}`"))?;
+    let root = struct_type(btf, name)?;
     let mut ty = root;
     let mut bits = 0u32;
     for member_name in path {

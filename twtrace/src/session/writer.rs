@@ -29,11 +29,8 @@ impl std::str::FromStr for Rotation {
 
     /// `100MB`, `1GiB`, `512KB` (sizes) or `30s`, `10m`, `1h` (ages).
     fn from_str(s: &str) -> Result<Self, String> {
-        let t = s.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        let (digits, unit) = t.split_at(split);
-        let n: u64 =
-            digits.parse().map_err(|_| format!("`{s}` is not a size (100MB) or an age (1h)"))?;
+        let (n, unit) = crate::cli::number_and_unit(s)
+            .ok_or_else(|| format!("`{s}` is not a size (100MB) or an age (1h)"))?;
         let size = |mult: u64| Ok(Rotation::Size(n.saturating_mul(mult)));
         let rotation = match unit.to_ascii_lowercase().as_str() {
             "b" => size(1),

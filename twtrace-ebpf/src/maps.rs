@@ -170,7 +170,9 @@ pub struct SocketEntry {
     pub attribution: u8,
     /// An RST was received: the coming CLOSE does not enter TIME_WAIT.
     pub reset_seen: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The socket's network namespace inode, read once per socket life.
+    pub netns: u32,
 }
 
 pub const fn listener_key(netns: u32, port: u16) -> u64 {

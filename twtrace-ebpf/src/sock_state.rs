@@ -93,9 +93,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     }
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let netns = socket_netns(t.skaddr);
-
-    let (task, attribution, prev_state_ns, reset_seen) = track_socket(ctx, &t, netns, now);
+    let (task, attribution, prev_state_ns, reset_seen, netns) = track_socket(ctx, &t, now);
     if t.old == tcp::TCP_SYN_SENT || t.new == tcp::TCP_SYN_SENT {
         track_connect(&t, &task, attribution, netns, &saddr, &daddr);
     }
@@ -225,17 +223,16 @@ fn field<const N: usize>(rec: &[u8; RECORD_BYTES], offset: u16) -> [u8; N] {
 fn track_socket(
     ctx: &TracePointContext,
     t: &Transition,
-    netns: u32,
     now: u64,
-) -> (Task, Attribution, u64, bool) {
+) -> (Task, Attribution, u64, bool, u32) {
     let known = SOCKETS.get_ptr_mut(&t.skaddr);
     // A socket starts a new life by leaving CLOSE (connect, listen) or as a clone of its
     // listener: whatever the table holds for this address belongs to an earlier life
     // (its CLOSE was missed, e.g. while the table was full) and must not leak into it.
     let new_life =
         t.old == tcp::TCP_CLOSE || (t.old == tcp::TCP_LISTEN && t.new == tcp::TCP_SYN_RECV);
-    let (mut task, mut attribution, prev_state_ns, reset_seen) = match known {
-        Some(_) if new_life => (Task::default(), Attribution::Unknown, 0, false),
+    let (mut task, mut attribution, prev_state_ns, reset_seen, known_netns) = match known {
+        Some(_) if new_life => (Task::default(), Attribution::Unknown, 0, false, 0),
         // SAFETY: map value pointer, valid for the duration of this program.
         Some(e) => unsafe {
             (
@@ -243,10 +240,13 @@ fn track_socket(
                 Attribution::from_u8((*e).attribution),
                 now.saturating_sub((*e).last_change_ns),
                 (*e).reset_seen != 0,
+                (*e).netns,
             )
         },
-        None => (Task::default(), Attribution::Unknown, 0, false),
+        None => (Task::default(), Attribution::Unknown, 0, false, 0),
     };
+    // A socket never changes namespace: two kernel reads saved on every later transition.
+    let netns = if known_netns != 0 { known_netns } else { socket_netns(t.skaddr) };
 
     if tcp::runs_in_owner_context(t.old, t.new) {
         task = current_task();
@@ -295,6 +295,7 @@ fn track_socket(
                 (*e).last_change_ns = now;
                 if new_life {
                     (*e).reset_seen = 0;
+                    (*e).netns = netns;
                 }
             },
             None => {
@@ -303,7 +304,8 @@ fn track_socket(
                     last_change_ns: now,
                     attribution: attribution as u8,
                     reset_seen: 0,
-                    _pad: [0; 6],
+                    _pad: [0; 2],
+                    netns,
                 };
                 if SOCKETS.insert(&t.skaddr, &entry, 0).is_err() {
                     count(counters::SOCKET_TABLE_FULL);
@@ -315,7 +317,7 @@ fn track_socket(
             }
         }
     }
-    (task, attribution, prev_state_ns, reset_seen)
+    (task, attribution, prev_state_ns, reset_seen, netns)
 }
 
 #[inline(always)]

@@ -151,7 +151,13 @@ fn port_exhaustion(ip: IpAddr, hooks: &str) {
         "one connect_error per failure the client saw: {errors:#?}"
     );
     let time_waits = failures(&events, "time_wait");
-    assert_eq!(time_waits.len() as i64, connected, "each successful connection entered TIME_WAIT");
+    let ports: Vec<&serde_json::Value> = time_waits.iter().map(|e| &e["sport"]).collect();
+    assert_eq!(
+        time_waits.len() as i64,
+        connected,
+        "each successful connection entered TIME_WAIT ({summary}); time_wait ports: {ports:?}; ss:\n{}",
+        ns.exec(&["ss", "-Htan"])
+    );
     for e in errors {
         assert_eq!(e["errno"], libc::EADDRNOTAVAIL, "{e}");
         assert_eq!(e["error"], "EADDRNOTAVAIL", "{e}");

@@ -35,6 +35,9 @@ impl Netns {
         loop {
             let count = self.exec(&["ss", "-Htan", "state", "time-wait"]).lines().count();
             if count >= n {
+                // ss sees a timewait socket as soon as it is hashed, a moment before the
+                // kernel moves the full socket to CLOSE (the transition twtrace reports).
+                std::thread::sleep(Duration::from_millis(100));
                 return;
             }
             assert!(

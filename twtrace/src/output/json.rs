@@ -5,9 +5,11 @@ use std::io::Write;
 use serde::Serialize;
 
 use super::EventSink;
+use twtrace_common::Attribution;
+
 use crate::{
     clock::Clock,
-    event::{Event, Failure, StateChange, attribution_name},
+    event::{Event, Failure, Family, Owner, StateChange, attribution_name},
 };
 
 pub struct JsonLines<W: Write> {
@@ -20,9 +22,9 @@ impl<W: Write> JsonLines<W> {
     }
 }
 
-/// The JSON shape of a `state` / `time_wait` event. Field names are a public interface.
+/// The fields every event starts with: what, when, who, and the local endpoint.
 #[derive(Serialize)]
-pub struct StateJson<'a> {
+struct Head<'a> {
     kind: &'static str,
     ts: String,
     pid: Option<u32>,
@@ -32,6 +34,39 @@ pub struct StateJson<'a> {
     family: &'static str,
     saddr: std::net::IpAddr,
     sport: u16,
+}
+
+impl<'a> Head<'a> {
+    #[expect(clippy::too_many_arguments, reason = "one per field, named at the two call sites")]
+    fn new(
+        kind: &'static str,
+        ts_ns: u64,
+        clock: &Clock,
+        owner: Option<&'a Owner>,
+        attribution: Attribution,
+        family: Family,
+        saddr: std::net::IpAddr,
+        sport: u16,
+    ) -> Self {
+        Self {
+            kind,
+            ts: clock.wall(ts_ns).to_string(),
+            pid: owner.map(|o| o.pid),
+            tid: owner.map(|o| o.tid),
+            comm: owner.map(|o| o.comm()),
+            attribution: attribution_name(attribution),
+            family: family.name(),
+            saddr,
+            sport,
+        }
+    }
+}
+
+/// The JSON shape of a `state` / `time_wait` event. Field names are a public interface.
+#[derive(Serialize)]
+pub struct StateJson<'a> {
+    #[serde(flatten)]
+    head: Head<'a>,
     daddr: std::net::IpAddr,
     dport: u16,
     old_state: &'static str,
@@ -45,15 +80,16 @@ pub struct StateJson<'a> {
 impl<'a> StateJson<'a> {
     pub fn new(s: &'a StateChange, clock: &Clock) -> Self {
         Self {
-            kind: s.kind_name(),
-            ts: clock.wall(s.ts_ns).to_string(),
-            pid: s.owner.as_ref().map(|o| o.pid),
-            tid: s.owner.as_ref().map(|o| o.tid),
-            comm: s.owner.as_ref().map(|o| o.comm()),
-            attribution: attribution_name(s.attribution),
-            family: s.family.name(),
-            saddr: s.saddr,
-            sport: s.sport,
+            head: Head::new(
+                s.kind_name(),
+                s.ts_ns,
+                clock,
+                s.owner.as_ref(),
+                s.attribution,
+                s.family,
+                s.saddr,
+                s.sport,
+            ),
             daddr: s.daddr,
             dport: s.dport,
             old_state: s.old_state_name(),
@@ -69,15 +105,8 @@ impl<'a> StateJson<'a> {
 /// The JSON shape of a `connect_error` / `bind_error` event.
 #[derive(Serialize)]
 pub struct FailureJson<'a> {
-    kind: &'static str,
-    ts: String,
-    pid: Option<u32>,
-    tid: Option<u32>,
-    comm: Option<std::borrow::Cow<'a, str>>,
-    attribution: &'static str,
-    family: &'static str,
-    saddr: std::net::IpAddr,
-    sport: u16,
+    #[serde(flatten)]
+    head: Head<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     daddr: Option<std::net::IpAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -102,15 +131,16 @@ impl<'a> FailureJson<'a> {
     pub fn new(f: &'a Failure, clock: &Clock) -> Self {
         let connect = f.call == crate::event::Call::Connect;
         Self {
-            kind: f.kind_name(),
-            ts: clock.wall(f.ts_ns).to_string(),
-            pid: f.owner.as_ref().map(|o| o.pid),
-            tid: f.owner.as_ref().map(|o| o.tid),
-            comm: f.owner.as_ref().map(|o| o.comm()),
-            attribution: attribution_name(f.attribution),
-            family: f.family.name(),
-            saddr: f.saddr,
-            sport: f.sport,
+            head: Head::new(
+                f.kind_name(),
+                f.ts_ns,
+                clock,
+                f.owner.as_ref(),
+                f.attribution,
+                f.family,
+                f.saddr,
+                f.sport,
+            ),
             daddr: connect.then_some(f.daddr),
             dport: connect.then_some(f.dport),
             errno: f.errno,

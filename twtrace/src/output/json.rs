@@ -22,11 +22,26 @@ impl<W: Write> JsonLines<W> {
     }
 }
 
+/// Serializes through `Display`, without building a `String` per event.
+fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+/// A kernel address, written `0xffff…` without an allocation per event.
+struct Hex(u64);
+
+impl Serialize for Hex {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{:#x}", self.0))
+    }
+}
+
 /// The fields every event starts with: what, when, who, and the local endpoint.
 #[derive(Serialize)]
 struct Head<'a> {
     kind: &'static str,
-    ts: String,
+    #[serde(serialize_with = "display")]
+    ts: jiff::Timestamp,
     pid: Option<u32>,
     tid: Option<u32>,
     comm: Option<std::borrow::Cow<'a, str>>,
@@ -50,7 +65,7 @@ impl<'a> Head<'a> {
     ) -> Self {
         Self {
             kind,
-            ts: clock.wall(ts_ns).to_string(),
+            ts: clock.wall(ts_ns),
             pid: owner.map(|o| o.pid),
             tid: owner.map(|o| o.tid),
             comm: owner.map(|o| o.comm()),
@@ -73,7 +88,7 @@ pub struct StateJson<'a> {
     new_state: &'static str,
     prev_state_ns: Option<u64>,
     netns: u32,
-    skaddr: String,
+    skaddr: Hex,
     cpu: u32,
 }
 
@@ -96,7 +111,7 @@ impl<'a> StateJson<'a> {
             new_state: s.new_state_name(),
             prev_state_ns: s.prev_state_ns,
             netns: s.netns,
-            skaddr: format!("{:#x}", s.skaddr),
+            skaddr: Hex(s.skaddr),
             cpu: s.cpu,
         }
     }
@@ -115,7 +130,7 @@ pub struct FailureJson<'a> {
     error: std::borrow::Cow<'static, str>,
     source: &'static str,
     netns: u32,
-    skaddr: Option<String>,
+    skaddr: Option<Hex>,
     cpu: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     port_range: Option<[u16; 2]>,
@@ -147,7 +162,7 @@ impl<'a> FailureJson<'a> {
             error: f.error_name(),
             source: f.source_name(),
             netns: f.netns,
-            skaddr: f.skaddr.map(|a| format!("{a:#x}")),
+            skaddr: f.skaddr.map(Hex),
             cpu: f.cpu,
             port_range: f.context.and_then(|c| c.port_range).map(|(lo, hi)| [lo, hi]),
             tcp_tw_reuse: f.context.and_then(|c| c.tcp_tw_reuse),

@@ -16,6 +16,7 @@ pub fn trials() -> Vec<Trial> {
         ),
         trial("cli::missing_btf_is_explained", missing_btf_is_explained),
         trial("cli::help_lists_filters", help_lists_filters),
+        trial("cli::completions_and_man_page_render", completions_and_man_page),
     ]
 }
 
@@ -72,4 +73,16 @@ fn help_lists_filters() {
     for flag in ["--json", "--pid", "--comm", "--port", "--daddr", "--state", "--ipv4", "--ipv6"] {
         assert!(help.contains(flag), "help lacks {flag}:\n{help}");
     }
+}
+
+fn completions_and_man_page() {
+    let bash = twtrace(&["completions", "bash"]);
+    assert!(bash.status.success());
+    let script = String::from_utf8_lossy(&bash.stdout);
+    assert!(script.contains("_twtrace") && script.contains("--port-search-hooks"), "{script}");
+    let man = twtrace(&["man"]);
+    assert!(man.status.success());
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(page.contains(".TH twtrace 1") && page.contains("record"), "{page}");
+    assert_eq!(twtrace(&["completions", "tcsh"]).status.code(), Some(2));
 }

@@ -63,6 +63,15 @@ pub enum Command {
     #[command(verbatim_doc_comment)]
     Replay(ReplayArgs),
 
+    /// Print a shell completion script, e.g. `twtrace completions bash > /etc/bash_completion.d/twtrace`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+
+    /// Print the manual page (roff), e.g. `twtrace man | man -l -`.
+    Man,
+
     /// Convert a recording to JSON Lines or CSV.
     ///
     /// Examples:

@@ -28,6 +28,14 @@ fn main() -> ExitCode {
             Command::Record(args) => twtrace::cmd::trace::record(args, cli.verbose).await,
             Command::Replay(args) => twtrace::cmd::replay::replay(args),
             Command::Export(args) => twtrace::cmd::replay::export(args),
+            Command::Completions { shell } => {
+                let mut cmd = <Cli as clap::CommandFactory>::command();
+                clap_complete::generate(shell, &mut cmd, "twtrace", &mut std::io::stdout());
+                Ok(())
+            }
+            Command::Man => clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut std::io::stdout())
+                .map_err(Into::into),
         }
     });
     match result {

@@ -74,8 +74,9 @@ enum Task {
         /// `host` (this machine's kernel, natively, like `test`).
         #[arg(long, value_enum, value_delimiter = ',', default_value = "all")]
         kernel: Vec<vm::KernelArg>,
-        /// Seconds one kernel may take to boot and run the suite before QEMU is killed.
-        #[arg(long, default_value_t = 1200, value_parser = clap::value_parser!(u64).range(1..))]
+        /// Seconds one kernel may take to boot and run the suite before QEMU is killed (a
+        /// run takes about 3 minutes; a guest that times out is booted once more).
+        #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
         timeout: u64,
         /// Extra arguments for the test harness (e.g. a name filter, `--skip NAME`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -119,15 +119,31 @@ pub fn run(
     for target in &targets {
         let result = match (target, &build) {
             (Target::Host, _) => run_host(root, env, &args),
-            (Target::Vm(debian), Some(build)) => run_vm(debian, build, timeout, &args)
-                .unwrap_or_else(|e| {
-                    eprintln!("xtask: vm-test {}: {e:#}", debian.label);
-                    RunResult {
-                        kernel: debian.label.to_owned(),
-                        outcome: Outcome::Error,
-                        elapsed: None,
-                    }
-                }),
+            (Target::Vm(debian), Some(build)) => {
+                let attempt = || {
+                    run_vm(debian, build, timeout, &args).unwrap_or_else(|e| {
+                        eprintln!("xtask: vm-test {}: {e:#}", debian.label);
+                        RunResult {
+                            kernel: debian.label.to_owned(),
+                            outcome: Outcome::Error,
+                            elapsed: None,
+                        }
+                    })
+                };
+                let first = attempt();
+                // A guest that never reports (emulated CPUs stalled: TCG shows RCU stalls
+                // now and then) says nothing about the tests: boot it once more. A suite
+                // that ran and failed is never retried.
+                if matches!(first.outcome, Outcome::TimedOut | Outcome::NoResult) {
+                    eprintln!(
+                        "xtask: vm-test {}: the guest did not report a result; booting it once more",
+                        debian.label
+                    );
+                    attempt()
+                } else {
+                    first
+                }
+            }
             (Target::Vm(_), None) => unreachable!("the tests are built when a VM is wanted"),
         };
         results.push(result);

@@ -419,6 +419,22 @@ pub(crate) mod tests {
         }
     }
 
+    /// A decoded EADDRNOTAVAIL with the context userspace adds: 10 ports, all in TIME_WAIT.
+    pub(crate) fn exhausted_connect() -> Failure {
+        let Event::Failure(mut f) =
+            decode(bytes_of(&raw_failure(EventKind::ConnectError, 99))).unwrap()
+        else {
+            panic!("not a failure")
+        };
+        f.context = Some(PortContext {
+            port_range: Some((40000, 40009)),
+            tcp_tw_reuse: Some(0),
+            time_wait_to_destination: Some(10),
+            time_wait_in_netns: None,
+        });
+        f
+    }
+
     #[test]
     fn decodes_connect_error() {
         let raw = raw_failure(EventKind::ConnectError, 99);

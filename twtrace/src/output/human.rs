@@ -38,12 +38,41 @@ fn endpoint(line: &mut String, addr: std::net::IpAddr, port: u16) {
     };
 }
 
-/// The owner's pid and comm columns (`-` when unknown).
-fn owner_columns(owner: Option<&crate::event::Owner>) -> (String, String) {
+/// Pads `line` with spaces so that what was written since `start` is `width` wide.
+fn pad_from(line: &mut String, start: usize, width: usize) {
+    let written = line[start..].chars().count();
+    line.extend(std::iter::repeat_n(' ', width.saturating_sub(written)));
+}
+
+/// Appends the TIME, PID and COMM columns (`-` for an unknown owner), written straight
+/// into `line`: this runs for every event.
+fn lead_columns(
+    line: &mut String,
+    time: impl std::fmt::Display,
+    owner: Option<&crate::event::Owner>,
+) {
+    let start = line.len();
+    let _ = write!(line, "{time}");
+    pad_from(line, start, 12);
+    line.push(' ');
+    let start = line.len();
     match owner {
-        Some(o) => (o.pid.to_string(), o.comm().into_owned()),
-        None => ("-".to_owned(), "-".to_owned()),
+        Some(o) => {
+            let _ = write!(line, "{}", o.pid);
+            pad_from(line, start, 7);
+            line.push(' ');
+            let start = line.len();
+            line.push_str(&o.comm());
+            pad_from(line, start, 16);
+        }
+        None => {
+            line.push('-');
+            pad_from(line, start, 7);
+            line.push_str(" -");
+            line.extend(std::iter::repeat_n(' ', 15));
+        }
     }
+    line.push(' ');
 }
 
 /// Appends the LOCAL and REMOTE columns.
@@ -63,27 +92,30 @@ fn endpoints(
 }
 
 /// Formats one state change into `line` (without newline).
-pub(crate) fn format_state(line: &mut String, s: &StateChange, time: &str) {
-    let (pid, comm) = owner_columns(s.owner.as_ref());
-    let transition = format!("{} -> {}", s.old_state_name(), s.new_state_name());
-    let ms = match s.prev_state_ns {
-        Some(ns) => format!("{:.3}", ns as f64 / 1e6),
-        None => "-".to_owned(),
+pub(crate) fn format_state(line: &mut String, s: &StateChange, time: impl std::fmt::Display) {
+    lead_columns(line, time, s.owner.as_ref());
+    let start = line.len();
+    let _ = write!(line, "{} -> {}", s.old_state_name(), s.new_state_name());
+    pad_from(line, start, 26);
+    let _ = match s.prev_state_ns {
+        Some(ns) => write!(line, " {:>10.3}  ", ns as f64 / 1e6),
+        None => write!(line, " {:>10}  ", "-"),
     };
-    let _ = write!(line, "{time:<12} {pid:<7} {comm:<16} {transition:<26} {ms:>10}  ");
     endpoints(line, (s.saddr, s.sport), Some((s.daddr, s.dport)));
 }
 
 /// Formats one failure into `line` (without newline): the call and errno in the
 /// TRANSITION column, then the port context when there is one.
-pub(crate) fn format_failure(line: &mut String, f: &Failure, time: &str) {
-    let (pid, comm) = owner_columns(f.owner.as_ref());
+pub(crate) fn format_failure(line: &mut String, f: &Failure, time: impl std::fmt::Display) {
+    lead_columns(line, time, f.owner.as_ref());
     let call = match f.call {
         Call::Connect => "connect",
         Call::Bind => "bind",
     };
-    let what = format!("{call}: {}", f.error_name());
-    let _ = write!(line, "{time:<12} {pid:<7} {comm:<16} {what:<26} {:>10}  ", "-");
+    let start = line.len();
+    let _ = write!(line, "{call}: {}", f.error_name());
+    pad_from(line, start, 26);
+    let _ = write!(line, " {:>10}  ", "-");
     let remote = (f.call == Call::Connect).then_some((f.daddr, f.dport));
     endpoints(line, (f.saddr, f.sport), remote);
     if let Some(ctx) = &f.context {
@@ -115,15 +147,12 @@ impl<W: Write> EventSink for Human<W> {
     }
 
     fn write_event(&mut self, event: &Event, clock: &Clock) -> std::io::Result<()> {
-        let time = clock
-            .wall(event.ts_ns())
-            .to_zoned(self.tz.clone())
-            .strftime("%H:%M:%S%.3f")
-            .to_string();
+        let zoned = clock.wall(event.ts_ns()).to_zoned(self.tz.clone());
+        let time = zoned.strftime("%H:%M:%S%.3f");
         self.line.clear();
         match event {
-            Event::State(s) => format_state(&mut self.line, s, &time),
-            Event::Failure(f) => format_failure(&mut self.line, f, &time),
+            Event::State(s) => format_state(&mut self.line, s, time),
+            Event::Failure(f) => format_failure(&mut self.line, f, time),
         }
         self.line.push('\n');
         self.out.write_all(self.line.as_bytes())
@@ -180,18 +209,7 @@ mod tests {
 
     #[test]
     fn failure_line_shows_errno_and_context() {
-        use crate::event::{PortContext, tests::raw_failure};
-        let Event::Failure(mut f) =
-            decode(bytes_of(&raw_failure(EventKind::ConnectError, 99))).unwrap()
-        else {
-            panic!()
-        };
-        f.context = Some(PortContext {
-            port_range: Some((40000, 40009)),
-            tcp_tw_reuse: Some(0),
-            time_wait_to_destination: Some(10),
-            time_wait_in_netns: None,
-        });
+        let f = crate::event::tests::exhausted_connect();
         let mut line = String::new();
         format_failure(&mut line, &f, "20:09:20.123");
         assert_eq!(

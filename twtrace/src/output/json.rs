@@ -222,18 +222,7 @@ mod tests {
 
     #[test]
     fn connect_error_json_has_the_documented_fields() {
-        use crate::event::{PortContext, tests::raw_failure};
-        let Event::Failure(mut f) =
-            decode(bytes_of(&raw_failure(EventKind::ConnectError, 99))).unwrap()
-        else {
-            panic!()
-        };
-        f.context = Some(PortContext {
-            port_range: Some((40000, 40009)),
-            tcp_tw_reuse: Some(0),
-            time_wait_to_destination: Some(10),
-            time_wait_in_netns: None,
-        });
+        let f = crate::event::tests::exhausted_connect();
         let mut out = Vec::new();
         JsonLines::new(&mut out).write_event(&Event::Failure(f), &Clock::from_offset(0)).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();

@@ -48,7 +48,6 @@ pub struct RecordingReader<R = File> {
     base: u64,
     eof: bool,
     header: Header,
-    version: (u16, u16),
     decoder: Decoder,
     problems: Vec<Problem>,
     /// Inside a damaged region: frames are dropped until a sync point.
@@ -73,7 +72,6 @@ impl<R: Read> RecordingReader<R> {
             base: 0,
             eof: false,
             header: Header::default(),
-            version: (0, 0),
             decoder: Decoder::new(),
             problems: Vec::new(),
             damaged: false,
@@ -99,7 +97,6 @@ impl<R: Read> RecordingReader<R> {
                  format {FORMAT_MAJOR}.x: upgrade twtrace to read it"
             );
         }
-        reader.version = (major, minor);
         reader.start = PREFIX;
         loop {
             match frame::parse_frame(&reader.buf[reader.start..]) {
@@ -120,11 +117,6 @@ impl<R: Read> RecordingReader<R> {
 
     pub fn header(&self) -> &Header {
         &self.header
-    }
-
-    /// Format version of the file.
-    pub fn version(&self) -> (u16, u16) {
-        self.version
     }
 
     /// Problems found since the last call.

@@ -261,12 +261,25 @@ fn host_unreachable_async() {
     ns.exec(&["ip", "link", "set", "v0", "up"]);
     ns.sysctl("net.ipv4.neigh.v0.mcast_solicit", "1");
     ns.sysctl("net.ipv4.neigh.v0.retrans_time_ms", "100");
-    let tracer = tracer_for(&ns, &["--failed"]);
-    let role = scenario::spawn_role("nonblocking", &ns.path(), "192.0.2.2:80".parse().unwrap(), 1);
-    let pid = role.id();
-    let summary = wait_output(role, "nonblocking");
-    let events = stop(tracer);
-    assert_eq!(field(&summary, "errno"), i64::from(libc::EHOSTUNREACH), "{summary}");
+    // Now and then (6.12 under QEMU) the kernel closes the socket and sets its error
+    // apart, and the client looks in between: it sees the close with no error, so the
+    // scenario did not happen. Run it again then (bounded).
+    let mut attempts = 0;
+    let (pid, events) = loop {
+        attempts += 1;
+        let tracer = tracer_for(&ns, &["--failed"]);
+        let role =
+            scenario::spawn_role("nonblocking", &ns.path(), "192.0.2.2:80".parse().unwrap(), 1);
+        let pid = role.id();
+        let summary = wait_output(role, "nonblocking");
+        let events = stop(tracer);
+        let errno = field(&summary, "errno");
+        if errno == 0 && attempts < 3 {
+            continue;
+        }
+        assert_eq!(errno, i64::from(libc::EHOSTUNREACH), "{summary}");
+        break (pid, events);
+    };
     assert_eq!(events.len(), 1, "{events:#?}");
     let e = &events[0];
     assert_eq!(e["kind"], "connect_error", "{e}");

@@ -36,15 +36,30 @@ pub struct ResetLayout {
     pub present: u16,
 }
 
-/// Byte offsets of the `syscalls:sys_enter_connect`/`sys_enter_bind` records (`fd`, the
-/// user address) and of `sys_exit_*` (`ret`).
+/// Byte offsets of the `syscalls:sys_enter_connect`/`bind`/`getsockopt` records (`fd`,
+/// the user address: the socket address, or getsockopt's `optval`; getsockopt's `level`
+/// and `optname`) and of `sys_exit_*` (`ret`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SyscallLayout {
     pub enter_fd: u16,
     pub enter_addr: u16,
     pub exit_ret: u16,
-    pub _pad: u16,
+    pub enter_level: u16,
+    pub enter_optname: u16,
+    pub _pad: [u16; 3],
+}
+
+impl SyscallLayout {
+    /// No tracepoint: every hook using it stays idle.
+    pub const EMPTY: Self = Self {
+        enter_fd: 0,
+        enter_addr: 0,
+        exit_ret: 0,
+        enter_level: 0,
+        enter_optname: 0,
+        _pad: [0; 3],
+    };
 }
 
 /// Offsets inside kernel structures, from the running kernel's BTF.
@@ -91,6 +106,10 @@ pub struct KernelLayout {
     /// `offsetof(struct sock, sk_err)`: the error a failing socket reports, set before the
     /// kernel moves it to CLOSE; 0 when unavailable.
     pub sock_err: u32,
+    /// `offsetof(struct sock, sk_err_soft)`: the error an ICMP left while the owner held
+    /// the socket lock, which getsockopt(SO_ERROR) returns when `sk_err` is 0; 0 when
+    /// unavailable.
+    pub sock_err_soft: u32,
 }
 
 #[cfg(feature = "user")]

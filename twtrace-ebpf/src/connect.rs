@@ -18,7 +18,8 @@ use twtrace_common::{
 use crate::{
     kernel::{current_socket, socket_netns},
     maps::{
-        BIND_LAYOUT, CALL_BIND, CALL_CONNECT, CONNECT_LAYOUT, PENDING_CALLS, PendingCall, count,
+        BIND_LAYOUT, CALL_BIND, CALL_CONNECT, CONNECT_LAYOUT, PAIRING_WINDOW_NS, PENDING_CALLS,
+        PendingCall, UNREPORTED_FAILURES, count,
     },
     sock_state::{current_task, emit_failure},
 };
@@ -120,6 +121,16 @@ pub fn resolve_async_failure(failure: &FailureEvent) {
         // SAFETY: no preconditions.
         emit_failure(EventKind::ConnectError, failure, unsafe { bpf_ktime_get_ns() });
     }
+}
+
+/// The failure waiting in [`UNREPORTED_FAILURES`] for `skaddr`, if recent enough to be
+/// this socket's; taken out of the table.
+#[inline(always)]
+pub fn take_unreported_failure(skaddr: u64, now: u64) -> Option<FailureEvent> {
+    // SAFETY: map value copied out before the entry is removed.
+    let failure = unsafe { UNREPORTED_FAILURES.get(&skaddr) }.copied()?;
+    let _ = UNREPORTED_FAILURES.remove(&skaddr);
+    (now.saturating_sub(failure.header.ts_ns) < PAIRING_WINDOW_NS).then_some(failure)
 }
 
 /// Records an inet connect()/bind() call at entry.

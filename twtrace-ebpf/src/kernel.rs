@@ -23,14 +23,21 @@ pub fn socket_netns(skaddr: u64) -> u32 {
         .unwrap_or(0)
 }
 
-/// The error a socket holds (`sk_err`, positive errno); 0 for none or unknown.
+/// The error a socket reports to getsockopt(SO_ERROR), positive errno: `sk_err`, else
+/// `sk_err_soft`; 0 for none or unknown.
 #[inline(always)]
 pub fn socket_error(skaddr: u64) -> u32 {
     let l = KERNEL_LAYOUT.load();
-    if l.sock_err == 0 {
-        return 0;
+    let read_err = |offset: u32| {
+        if offset == 0 {
+            return 0;
+        }
+        read::<i32>(skaddr + u64::from(offset)).map(i32::unsigned_abs).unwrap_or(0)
+    };
+    match read_err(l.sock_err) {
+        0 => read_err(l.sock_err_soft),
+        err => err,
     }
-    read::<i32>(skaddr + u64::from(l.sock_err)).map(i32::unsigned_abs).unwrap_or(0)
 }
 
 /// The namespace settings that decide port exhaustion, read at the moment of a failure:

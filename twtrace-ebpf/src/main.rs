@@ -3,6 +3,8 @@
 #![no_main]
 
 mod connect;
+mod error_report;
+mod getsockopt;
 mod kernel;
 mod maps;
 mod port_search;

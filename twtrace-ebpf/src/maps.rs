@@ -4,10 +4,10 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use twtrace_common::{
-    Task,
+    FailureEvent, Task,
     config::{KernelLayout, RECORD_BYTES, ResetLayout, SockStateLayout, SyscallLayout},
     counters,
 };
@@ -104,6 +104,7 @@ pub static KERNEL_LAYOUT: Global<KernelLayout> = Global::new(KernelLayout {
     skc_v6_rcv_saddr: 0,
     sock_addrs: 0,
     sock_err: 0,
+    sock_err_soft: 0,
 });
 
 /// Arguments of a port search in progress (kprobe entry to kretprobe), keyed by
@@ -126,12 +127,26 @@ pub struct PortSearch {
 pub static PENDING_CALLS: HashMap<u64, PendingCall> = HashMap::with_max_entries(16384, 0);
 
 #[unsafe(no_mangle)]
-pub static CONNECT_LAYOUT: Global<SyscallLayout> =
-    Global::new(SyscallLayout { enter_fd: 0, enter_addr: 0, exit_ret: 0, _pad: 0 });
+pub static CONNECT_LAYOUT: Global<SyscallLayout> = Global::new(SyscallLayout::EMPTY);
 
 #[unsafe(no_mangle)]
-pub static BIND_LAYOUT: Global<SyscallLayout> =
-    Global::new(SyscallLayout { enter_fd: 0, enter_addr: 0, exit_ret: 0, _pad: 0 });
+pub static BIND_LAYOUT: Global<SyscallLayout> = Global::new(SyscallLayout::EMPTY);
+
+#[unsafe(no_mangle)]
+pub static GETSOCKOPT_LAYOUT: Global<SyscallLayout> = Global::new(SyscallLayout::EMPTY);
+
+/// getsockopt(SOL_SOCKET, SO_ERROR) calls in flight, keyed by `bpf_get_current_pid_tgid()`:
+/// the descriptor and where the error will be written.
+#[map]
+pub static PENDING_SO_ERROR: HashMap<u64, PendingSoError> = HashMap::with_max_entries(4096, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PendingSoError {
+    pub optval: u64,
+    pub fd: u32,
+    pub _pad: u32,
+}
 
 pub const CALL_CONNECT: u8 = 1;
 pub const CALL_BIND: u8 = 2;
@@ -186,3 +201,30 @@ pub fn count(index: u32) {
         unsafe { *slot += 1 };
     }
 }
+
+/// Connecting sockets the kernel closed on an error that was already gone when the state
+/// hook looked (the owner took it with getsockopt(SO_ERROR) between the kernel setting
+/// it and moving the socket to CLOSE: seen on 6.12 under QEMU), keyed by socket address.
+/// The failure waits here for the owner's getsockopt or the socket's error report. LRU:
+/// an entry that neither completes is simply pushed out.
+#[map]
+pub static UNREPORTED_FAILURES: LruHashMap<u64, FailureEvent> =
+    LruHashMap::with_max_entries(1024, 0);
+
+/// Socket errors owners took with getsockopt(SO_ERROR) before the state hook saw the
+/// socket close, keyed by socket address: `(errno, when)`. LRU, like the above.
+#[map]
+pub static TAKEN_ERRORS: LruHashMap<u64, TakenError> = LruHashMap::with_max_entries(1024, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TakenError {
+    pub ts_ns: u64,
+    pub errno: u32,
+    pub _pad: u32,
+}
+
+/// How long an entry of [`UNREPORTED_FAILURES`] or [`TAKEN_ERRORS`] stays valid: its
+/// other half comes within microseconds; an older one belongs to an earlier socket at the
+/// same address.
+pub const PAIRING_WINDOW_NS: u64 = 1_000_000_000;

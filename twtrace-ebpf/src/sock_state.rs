@@ -27,8 +27,9 @@ use crate::{
     connect::resolve_async_failure,
     kernel::{port_settings, socket_error, socket_netns},
     maps::{
-        CALL_CONNECT, EVENTS, LISTENERS, PENDING_CALLS, RECORD, SOCK_STATE_LAYOUT, SOCKETS,
-        SocketEntry, count, listener_key, wakeup_flags,
+        CALL_CONNECT, EVENTS, LISTENERS, PAIRING_WINDOW_NS, PENDING_CALLS, RECORD,
+        SOCK_STATE_LAYOUT, SOCKETS, SocketEntry, TAKEN_ERRORS, UNREPORTED_FAILURES, count,
+        listener_key, wakeup_flags,
     },
 };
 
@@ -163,7 +164,8 @@ pub fn emit_failure(kind: EventKind, failure: &FailureEvent, now: u64) {
 /// Follows connect() through the state changes it causes. CLOSE -> SYN_SENT in the
 /// caller's context ties the call in progress to its socket. SYN_SENT -> CLOSE ends a
 /// connect: a failure when the socket holds an error (`sk_err`, set by the kernel before
-/// it moves the socket to CLOSE: ECONNREFUSED, ETIMEDOUT, EHOSTUNREACH…); no error means
+/// it moves the socket to CLOSE: ECONNREFUSED, ETIMEDOUT, EHOSTUNREACH…; or `sk_err_soft`,
+/// an ICMP error that came while the owner held the lock, which SO_ERROR reports); no error means
 /// the owner gave up (close() while connecting) or the port search failed, which the
 /// connect() call reports itself.
 #[inline(always)]
@@ -189,7 +191,7 @@ fn track_connect(
     if !(t.old == tcp::TCP_SYN_SENT && t.new == tcp::TCP_CLOSE) {
         return;
     }
-    let failure = FailureEvent {
+    let mut failure = FailureEvent {
         skaddr: t.skaddr,
         task: *owner,
         netns,
@@ -203,6 +205,27 @@ fn track_connect(
         daddr: *daddr,
         ..Default::default()
     };
+    if failure.errno == 0 && attribution != Attribution::Current {
+        // The kernel itself closed the connecting socket, which it does only on an error,
+        // and the error is gone: the owner, woken on another CPU, took it with
+        // getsockopt(SO_ERROR), before now or soon (then that call or the socket's error
+        // report tells).
+        // SAFETY: no preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: map value copied out.
+        match unsafe { TAKEN_ERRORS.get(&t.skaddr) }.copied() {
+            Some(taken) if now.saturating_sub(taken.ts_ns) < PAIRING_WINDOW_NS => {
+                let _ = TAKEN_ERRORS.remove(&t.skaddr);
+                failure.errno = taken.errno;
+            }
+            _ => {
+                failure.header.ts_ns = now;
+                // An LRU map: the insert makes room by itself.
+                let _ = UNREPORTED_FAILURES.insert(&t.skaddr, &failure, 0);
+                return;
+            }
+        }
+    }
     resolve_async_failure(&failure);
 }
 

@@ -101,6 +101,10 @@ pub fn kernel_layout(btf: &Btf) -> anyhow::Result<KernelLayout> {
         Ok(off) => layout.sock_err = off,
         Err(e) => log::warn!("failed non-blocking connects will not be reported: {e:#}"),
     }
+    match offset_of(btf, "sock", &["sk_err_soft"]) {
+        Ok(off) => layout.sock_err_soft = off,
+        Err(e) => log::warn!("some failed non-blocking connects will not be reported: {e:#}"),
+    }
     match port_settings_layout(btf) {
         Ok((range, format, reuse, reuse_size)) => {
             layout.net_port_range = range;

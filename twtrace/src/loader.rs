@@ -7,7 +7,7 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{FExit, KProbe, TracePoint},
+    programs::{FExit, KProbe, RawTracePoint, TracePoint},
 };
 use twtrace_common::{
     config::{RECORD_BYTES, ResetLayout, SockStateLayout, SyscallLayout},
@@ -82,8 +82,9 @@ impl Tracer {
             .context("failed to find socket and network-namespace fields in the kernel's BTF")?;
         let state_layout = sock_state_layout(&tracefs)?;
         let reset_layout = reset_layout(&tracefs)?;
-        let connect_layout = syscall_layout(&tracefs, "connect", "uservaddr")?;
-        let bind_layout = syscall_layout(&tracefs, "bind", "umyaddr")?;
+        let connect_layout = syscall_layout(&tracefs, "connect", "uservaddr", false)?;
+        let bind_layout = syscall_layout(&tracefs, "bind", "umyaddr", false)?;
+        let getsockopt_layout = syscall_layout(&tracefs, "getsockopt", "optval", true)?;
         raise_memlock_limit();
 
         let mut ebpf = EbpfLoader::new()
@@ -91,6 +92,7 @@ impl Tracer {
             .override_global("RESET_LAYOUT", &reset_layout, true)
             .override_global("CONNECT_LAYOUT", &connect_layout.unwrap_or_default(), true)
             .override_global("BIND_LAYOUT", &bind_layout.unwrap_or_default(), true)
+            .override_global("GETSOCKOPT_LAYOUT", &getsockopt_layout.unwrap_or_default(), true)
             .override_global("KERNEL_LAYOUT", &kernel_layout, true)
             .override_global("AYA_LOG_LEVEL", &opts.kernel_log_level, false)
             .override_global(
@@ -118,9 +120,18 @@ impl Tracer {
                  reported as an entry into TIME_WAIT"
             );
         }
-        // Failed connects: the syscall tracepoints give caller, address and errno; the
-        // socket error report gives the errno of non-blocking connects.
-        for (call, layout) in [("connect", connect_layout), ("bind", bind_layout)] {
+        // Failed connects: the syscall tracepoints give caller, address and errno. The
+        // socket error report and getsockopt(SO_ERROR) give the errno of a non-blocking
+        // connect whose owner took the error before the state hook could read it.
+        match attach_raw_tracepoint(&mut ebpf, "inet_sk_error_report") {
+            Ok(()) => tracepoints.push("raw:inet_sk_error_report".to_owned()),
+            Err(e) => log::warn!(
+                "{e:#}: some failed non-blocking connects may be reported without their errno"
+            ),
+        }
+        for (call, layout) in
+            [("connect", connect_layout), ("bind", bind_layout), ("getsockopt", getsockopt_layout)]
+        {
             if layout.is_some() {
                 for phase in ["enter", "exit"] {
                     let name = format!("sys_{phase}_{call}");
@@ -245,6 +256,13 @@ where
         .with_context(|| format!("program {program} has an unexpected type"))
 }
 
+fn attach_raw_tracepoint(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
+    let prog: &mut RawTracePoint = program_mut(ebpf, name)?;
+    prog.load().with_context(|| format!("failed to load the program for raw tracepoint {name}"))?;
+    prog.attach(name).with_context(|| format!("failed to attach to raw tracepoint {name}"))?;
+    Ok(())
+}
+
 fn attach_tracepoint(
     ebpf: &mut Ebpf,
     program: &str,
@@ -318,6 +336,7 @@ fn syscall_layout(
     tracefs: &Path,
     call: &str,
     addr_field: &str,
+    option_fields: bool,
 ) -> anyhow::Result<Option<SyscallLayout>> {
     let enter = tracefs::Format::read(tracefs, "syscalls", &format!("sys_enter_{call}"))?;
     let exit = tracefs::Format::read(tracefs, "syscalls", &format!("sys_exit_{call}"))?;
@@ -329,7 +348,9 @@ fn syscall_layout(
             enter_fd: enter.field("fd", &[8])?.offset,
             enter_addr: enter.field(addr_field, &[8])?.offset,
             exit_ret: exit.field("ret", &[8])?.offset,
-            _pad: 0,
+            enter_level: if option_fields { enter.field("level", &[8])?.offset } else { 0 },
+            enter_optname: if option_fields { enter.field("optname", &[8])?.offset } else { 0 },
+            _pad: [0; 3],
         })
     };
     read()

@@ -72,6 +72,29 @@ pub enum Command {
     /// Print the manual page (roff), e.g. `twtrace man | man -l -`.
     Man,
 
+    /// Live port pressure per destination, full-screen (q quits, s changes the sort).
+    ///
+    /// Local ports run out per (netns, source IP, destination IP, destination port): a
+    /// closed connection holds its port in TIME_WAIT for 60 s. `top` starts from the
+    /// sockets that exist (sock_diag), follows every change, and shows per destination the
+    /// ports in use, the headroom left, connections per second, failures, the process
+    /// driving it and when the range runs out at this rate.
+    ///
+    /// Examples:
+    ///   twtrace top
+    ///   twtrace top --once            print the table once (also when stdout is not a TTY)
+    #[command(verbatim_doc_comment)]
+    Top(TopArgs),
+
+    /// Port-pressure analysis of recordings: table, advice, and a chart.
+    ///
+    /// Examples:
+    ///   twtrace report night.twtrace
+    ///   twtrace report night.twtrace --json
+    ///   twtrace report night.twtrace --html night.html
+    #[command(verbatim_doc_comment)]
+    Report(ReportArgs),
+
     /// Convert a recording to JSON Lines or CSV.
     ///
     /// Examples:
@@ -98,6 +121,55 @@ pub struct TraceArgs {
 
     #[command(flatten)]
     pub kernel: KernelArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Print the table once, after one --interval, and exit (the default when stdout is
+    /// not a terminal).
+    #[arg(long)]
+    pub once: bool,
+
+    /// Seconds between refreshes.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0, value_parser = parse_interval)]
+    pub interval: f64,
+
+    /// Seconds between corrections of the model from the kernel's socket list.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub reconcile: u64,
+
+    /// Only destinations in this network namespace (inode, as in `ls -iL /run/netns/NAME`); repeatable.
+    #[arg(long, value_name = "INODE")]
+    pub netns: Vec<u32>,
+
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("'{s}' is not a number of seconds between 0.1 and 3600")),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Recordings, in order (rotated files: all of them).
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+
+    /// Print the report as one JSON document.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Also write the chart as an SVG image.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+
+    /// Also write a self-contained HTML page (chart and report).
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

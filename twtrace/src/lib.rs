@@ -14,6 +14,7 @@ pub mod loader;
 pub mod model;
 pub mod output;
 pub mod pipeline;
+pub mod pressure;
 pub mod privileges;
 pub mod session;
 pub mod tracefs;

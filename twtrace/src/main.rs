@@ -28,6 +28,8 @@ fn main() -> ExitCode {
             Command::Record(args) => twtrace::cmd::trace::record(args, cli.verbose).await,
             Command::Replay(args) => twtrace::cmd::replay::replay(args),
             Command::Export(args) => twtrace::cmd::replay::export(args),
+            Command::Top(args) => twtrace::cmd::pressure::top(args, cli.verbose).await,
+            Command::Report(args) => twtrace::cmd::pressure::report(args),
             Command::Completions { shell } => {
                 let mut cmd = <Cli as clap::CommandFactory>::command();
                 clap_complete::generate(shell, &mut cmd, "twtrace", &mut std::io::stdout());

@@ -1,0 +1,230 @@
+//! `twtrace top` (live port pressure per destination) and `twtrace report` (the same
+//! analysis over recordings).
+
+use std::{
+    io::{IsTerminal as _, Write as _},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    cli::{ReportArgs, TopArgs},
+    clock::Clock,
+    event::{self, Event},
+    loader::Tracer,
+    model::Model,
+    pressure::{
+        aggregator::{Aggregator, SnapshotSocket},
+        kernel_view,
+        report::Sampler,
+        screen::{Key, Screen, SortBy, plain_table, sort_rows},
+    },
+    privileges,
+    session::{codec::Record, reader::RecordingReader},
+};
+
+pub async fn top(args: TopArgs, verbose: u8) -> anyhow::Result<()> {
+    privileges::check()?;
+    let mut tracer = Tracer::start(&args.kernel.to_options(verbose))?;
+    // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, for as long as
+    // the AsyncFd that registered it lives.
+    let mut events = unsafe {
+        AsyncFd::register_with_interest(tracer.take_events()?, tokio::io::Interest::READABLE)
+    }
+    .context("failed to poll the event ring buffer")?;
+    let mut aggregator = Aggregator::new();
+    let mut model = Model::new();
+    // A true start: the sockets that exist already.
+    snapshot(&mut aggregator, &args.netns);
+
+    let interactive = !args.once && std::io::stdout().is_terminal();
+    let mut screen = if interactive { Some(Screen::enter()?) } else { None };
+    let mut sort = SortBy::Pressure;
+    let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
+    let mut drain_tick = tokio::time::interval(crate::loader::DRAIN_EVERY);
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let interval = Duration::from_secs_f64(args.interval);
+    let mut refresh = tokio::time::interval(interval);
+    refresh.tick().await;
+    let mut reconcile = tokio::time::interval(Duration::from_secs(args.reconcile));
+    reconcile.tick().await;
+    let mut seen = 0u64;
+    let mut seen_at_last_frame = 0u64;
+    loop {
+        tokio::select! {
+            guard = events.readable_mut() => {
+                let mut guard = guard.context("failed to wait for events")?;
+                seen += drain(guard.get_inner_mut(), &mut aggregator, &mut model, &args.netns);
+                guard.clear_ready();
+            }
+            _ = drain_tick.tick() => {
+                seen += drain(events.get_mut(), &mut aggregator, &mut model, &args.netns);
+                if let Some(s) = &mut screen {
+                    match s.poll_key(Duration::ZERO)? {
+                        Some(Key::Quit) => break,
+                        Some(Key::NextSort) => {
+                            sort = sort.next();
+                            draw(s, &mut aggregator, sort, seen, 0.0)?;
+                        }
+                        None => {}
+                    }
+                }
+            }
+            _ = refresh.tick() => {
+                seen += drain(events.get_mut(), &mut aggregator, &mut model, &args.netns);
+                aggregator.tick(Clock::monotonic_now_ns());
+                let rate = (seen - seen_at_last_frame) as f64 / interval.as_secs_f64();
+                seen_at_last_frame = seen;
+                match &mut screen {
+                    Some(s) => draw(s, &mut aggregator, sort, seen, rate)?,
+                    None => {
+                        let mut rows = filtered_views(&mut aggregator, &args.netns);
+                        sort_rows(&mut rows, sort);
+                        let mut out = std::io::stdout().lock();
+                        out.write_all(plain_table(&rows).as_bytes())?;
+                        out.flush()?;
+                        break;
+                    }
+                }
+            }
+            _ = reconcile.tick() => snapshot(&mut aggregator, &args.netns),
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    drop(screen);
+    Ok(())
+}
+
+fn draw(
+    screen: &mut Screen,
+    aggregator: &mut Aggregator,
+    sort: SortBy,
+    seen: u64,
+    rate: f64,
+) -> anyhow::Result<()> {
+    let mut rows = aggregator.views();
+    sort_rows(&mut rows, sort);
+    let contexts: Vec<_> = aggregator.contexts().cloned().collect();
+    let status = format!("{seen} events, {rate:.0}/s");
+    screen.draw(&rows, &contexts, sort, &status)
+}
+
+fn filtered_views(
+    aggregator: &mut Aggregator,
+    netns: &[u32],
+) -> Vec<crate::pressure::view::DestinationView> {
+    aggregator
+        .views()
+        .into_iter()
+        .filter(|v| netns.is_empty() || netns.contains(&v.key.netns))
+        .collect()
+}
+
+/// Reads every network namespace (or the ones asked for) and corrects the model with it.
+fn snapshot(aggregator: &mut Aggregator, only: &[u32]) {
+    for (inode, path) in kernel_view::find_netns() {
+        if !only.is_empty() && !only.contains(&inode) {
+            continue;
+        }
+        let now = Clock::monotonic_now_ns();
+        match kernel_view::read_netns(inode, &path) {
+            Ok(view) => {
+                aggregator.set_context(view.context);
+                let sockets: Vec<SnapshotSocket> = view
+                    .sockets
+                    .iter()
+                    .map(|s| SnapshotSocket {
+                        saddr: s.saddr,
+                        sport: s.sport,
+                        daddr: s.daddr,
+                        dport: s.dport,
+                        state: s.state,
+                        expires_ms: s.expires_ms,
+                    })
+                    .collect();
+                let drift = aggregator.reconcile(inode, &sockets, now);
+                log::debug!("netns {inode}: reconciled with the kernel: {drift:?}");
+            }
+            Err(e) => log::warn!("netns {inode} ({}): {e:#}", path.display()),
+        }
+    }
+}
+
+fn drain(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    aggregator: &mut Aggregator,
+    model: &mut Model,
+    netns: &[u32],
+) -> u64 {
+    let mut n = 0;
+    while let Some(record) = ring.next() {
+        n += 1;
+        match event::decode(&record) {
+            Ok(mut e) => {
+                model.observe(&mut e);
+                if netns.is_empty() || netns.contains(&event_netns(&e)) {
+                    aggregator.observe(&e);
+                }
+            }
+            Err(e) => log::warn!("skipped a kernel record: {e}"),
+        }
+    }
+    n
+}
+
+fn event_netns(e: &Event) -> u32 {
+    match e {
+        Event::State(s) => s.netns,
+        Event::Failure(f) => f.netns,
+    }
+}
+
+pub fn report(args: ReportArgs) -> anyhow::Result<()> {
+    let mut aggregator = Aggregator::new();
+    let mut sampler = Sampler::default();
+    for path in &args.files {
+        let mut reader = RecordingReader::open(path)?;
+        while let Some(record) = reader.next_record()? {
+            if let Record::Event(e) = record {
+                sampler.maybe_sample(&mut aggregator, e.ts_ns());
+                if matches!(e, Event::Failure(_)) {
+                    sampler.failure();
+                }
+                aggregator.observe(&e);
+            }
+        }
+        for problem in reader.take_problems() {
+            eprintln!("twtrace: warning: {}: {}", path.display(), problem.what);
+        }
+    }
+    let now = aggregator.now_ns();
+    sampler.maybe_sample(&mut aggregator, now);
+    let report = sampler.finish(&mut aggregator);
+    if let Some(path) = &args.svg {
+        write_file(path, &report.svg())?;
+    }
+    if let Some(path) = &args.html {
+        write_file(path, &report.html())?;
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        out.write_all(b"\n")?;
+    } else {
+        out.write_all(report.text().as_bytes())?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn write_file(path: &Path, content: &str) -> anyhow::Result<()> {
+    std::fs::write(path, content).with_context(|| format!("failed to write {}", path.display()))
+}

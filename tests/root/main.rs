@@ -7,6 +7,7 @@
 
 mod cli;
 mod connect;
+mod pressure;
 mod record;
 mod scenario;
 mod support;
@@ -26,6 +27,7 @@ fn main() -> std::process::ExitCode {
     trials.extend(trace::trials());
     trials.extend(connect::trials());
     trials.extend(record::trials());
+    trials.extend(pressure::trials());
     libtest_mimic::run(&args, trials).exit_code()
 }
 

@@ -109,8 +109,13 @@ fn collect(mut r: impl std::io::Read + Send + 'static) -> std::thread::JoinHandl
 
 impl Tracer {
     pub fn start(args: &[&str]) -> Self {
+        Self::start_command("trace", args)
+    }
+
+    /// `twtrace SUBCOMMAND ARGS` (trace or record), once it is attached.
+    pub fn start_command(subcommand: &str, args: &[&str]) -> Self {
         let mut child = Command::new(TWTRACE)
-            .arg("trace")
+            .arg(subcommand)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -83,6 +83,7 @@ pub enum Command {
     /// Examples:
     ///   twtrace top
     ///   twtrace top --once            print the table once (also when stdout is not a TTY)
+    ///   twtrace top --once --json     the same as one JSON document
     #[command(verbatim_doc_comment)]
     Top(TopArgs),
 
@@ -129,6 +130,10 @@ pub struct TopArgs {
     /// not a terminal).
     #[arg(long)]
     pub once: bool,
+
+    /// With --once: print one JSON document (destinations, namespaces) instead of the table.
+    #[arg(long, requires = "once")]
+    pub json: bool,
 
     /// Seconds between refreshes.
     #[arg(long, value_name = "SECONDS", default_value_t = 1.0, value_parser = parse_interval)]

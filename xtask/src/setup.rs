@@ -115,10 +115,18 @@ fn ensure_bpf_linker() -> anyhow::Result<PathBuf> {
 }
 
 /// Debian packages the tests and the tracer's users rely on: `ip` (iproute2, for network
-/// namespaces), `ss`, `setpriv` (util-linux).
+/// namespaces), `ss` and `nstat` (ground truth), `setpriv` (util-linux), `tmux` (a real
+/// terminal for the full-screen test).
 fn ensure_debian_packages() -> anyhow::Result<()> {
     ensure_packages(
-        &[("ip", "iproute2"), ("ss", "iproute2"), ("setpriv", "util-linux"), ("sysctl", "procps")],
+        &[
+            ("ip", "iproute2"),
+            ("ss", "iproute2"),
+            ("nstat", "iproute2"),
+            ("setpriv", "util-linux"),
+            ("sysctl", "procps"),
+            ("tmux", "tmux"),
+        ],
         Removals::Refuse,
     )
 }

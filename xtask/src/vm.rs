@@ -50,8 +50,9 @@ const DEBIAN_KERNELS: [Debian; 2] = [
 ];
 
 /// Modules the tests need that Debian builds as modules, not into the kernel:
-/// `connect::host_unreachable_async` creates a veth pair.
-const MODULES: &[&str] = &["veth"];
+/// `connect::host_unreachable_async` creates a veth pair; `top` and `record` list sockets
+/// with sock_diag (a real system loads these on demand; the guest has no modprobe).
+const MODULES: &[&str] = &["veth", "inet_diag", "tcp_diag"];
 
 /// The line `/init` prints after the suite, followed by its exit code.
 const MARKER: &str = "TWTRACE-VM-RESULT";
@@ -386,7 +387,8 @@ fn run_checked(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 /// Host programs the tests and `/init` run, looked up on this machine.
-const GUEST_PROGRAMS: &[&str] = &["mount", "ip", "ss", "sysctl", "setpriv", "insmod"];
+const GUEST_PROGRAMS: &[&str] =
+    &["mount", "mkdir", "ip", "ss", "nstat", "sysctl", "setpriv", "insmod", "tmux"];
 
 /// Writes the guest's initramfs to `path`, through a temporary file so that a guest being
 /// booted from the previous one never reads half a file.
@@ -413,6 +415,11 @@ fn write_initramfs(
         let path = crate::find_program(program)
             .with_context(|| format!("`{program}` is not installed on this machine"))?;
         cpio.host_program(&path)?;
+    }
+    // tmux (the full-screen test) refuses to start without a UTF-8 character set.
+    let ctype = Path::new("/usr/lib/locale/C.utf8/LC_CTYPE");
+    if ctype.exists() {
+        cpio.host_path(ctype)?;
     }
     cpio.host_program(&build.tests)?;
     cpio.host_program(&build.twtrace)?;
@@ -501,6 +508,8 @@ fn init_script(build: &Build, modules: &[PathBuf], args: &[String]) -> String {
         ("proc", "/proc"),
         ("sysfs", "/sys"),
         ("devtmpfs", "/dev"),
+        // Pseudo-terminals, for the full-screen test (tmux).
+        ("devpts", "/dev/pts"),
         // ip netns keeps its namespaces in /run/netns and needs a writable /run.
         ("tmpfs", "/run"),
         ("tracefs", "/sys/kernel/tracing"),
@@ -509,6 +518,9 @@ fn init_script(build: &Build, modules: &[PathBuf], args: &[String]) -> String {
         // a directory holding the test binaries (a checkout under /run, say) would hide them.
         if fs == "tmpfs" && build.tests.starts_with(dir) {
             continue;
+        }
+        if fs == "devpts" {
+            let _ = writeln!(s, "mkdir -p {dir}");
         }
         let _ = writeln!(s, "mount -t {fs} {fs} {dir}");
     }

@@ -20,8 +20,7 @@ use crate::{
     loader::Tracer,
     model::Model,
     pressure::{
-        aggregator::{Aggregator, SnapshotSocket},
-        kernel_view,
+        aggregator::Aggregator,
         report::Sampler,
         screen::{Key, Screen, SortBy, plain_table, sort_rows},
     },
@@ -44,7 +43,20 @@ pub async fn top(args: TopArgs, verbose: u8) -> anyhow::Result<()> {
     snapshot(&mut aggregator, &args.netns);
 
     let interactive = !args.once && std::io::stdout().is_terminal();
+    if !interactive {
+        // Scripts and tests wait for this line: the programs are attached.
+        eprintln!(
+            "twtrace: watching port pressure (tracepoints: {}); the table follows in {} s",
+            tracer.tracepoints.join(", "),
+            args.interval
+        );
+    }
     let mut screen = if interactive { Some(Screen::enter()?) } else { None };
+    // Log lines on the terminal would tear the screen: hold them while it is up.
+    let log_level = log::max_level();
+    if interactive {
+        log::set_max_level(log::LevelFilter::Off);
+    }
     let mut sort = SortBy::Pressure;
     let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
@@ -87,8 +99,19 @@ pub async fn top(args: TopArgs, verbose: u8) -> anyhow::Result<()> {
                     None => {
                         let mut rows = filtered_views(&mut aggregator, &args.netns);
                         sort_rows(&mut rows, sort);
+                        let text = if args.json {
+                            let netns: Vec<_> = aggregator
+                                .contexts()
+                                .filter(|c| args.netns.is_empty() || args.netns.contains(&c.netns))
+                                .cloned()
+                                .collect();
+                            let doc = serde_json::json!({ "destinations": rows, "netns": netns });
+                            format!("{doc:#}\n")
+                        } else {
+                            plain_table(&rows)
+                        };
                         let mut out = std::io::stdout().lock();
-                        out.write_all(plain_table(&rows).as_bytes())?;
+                        out.write_all(text.as_bytes())?;
                         out.flush()?;
                         break;
                     }
@@ -100,6 +123,7 @@ pub async fn top(args: TopArgs, verbose: u8) -> anyhow::Result<()> {
         }
     }
     drop(screen);
+    log::set_max_level(log_level);
     Ok(())
 }
 
@@ -128,33 +152,11 @@ fn filtered_views(
         .collect()
 }
 
-/// Reads every network namespace (or the ones asked for) and corrects the model with it.
+/// Corrects the model with what the kernel has now (every namespace, or those asked for).
 fn snapshot(aggregator: &mut Aggregator, only: &[u32]) {
-    for (inode, path) in kernel_view::find_netns() {
-        if !only.is_empty() && !only.contains(&inode) {
-            continue;
-        }
-        let now = Clock::monotonic_now_ns();
-        match kernel_view::read_netns(inode, &path) {
-            Ok(view) => {
-                aggregator.set_context(view.context);
-                let sockets: Vec<SnapshotSocket> = view
-                    .sockets
-                    .iter()
-                    .map(|s| SnapshotSocket {
-                        saddr: s.saddr,
-                        sport: s.sport,
-                        daddr: s.daddr,
-                        dport: s.dport,
-                        state: s.state,
-                        expires_ms: s.expires_ms,
-                    })
-                    .collect();
-                let drift = aggregator.reconcile(inode, &sockets, now);
-                log::debug!("netns {inode}: reconciled with the kernel: {drift:?}");
-            }
-            Err(e) => log::warn!("netns {inode} ({}): {e:#}", path.display()),
-        }
+    for snapshot in crate::pressure::snapshots(only) {
+        let drift = aggregator.snapshot(&snapshot);
+        log::debug!("netns {}: reconciled with the kernel: {drift:?}", snapshot.context.netns);
     }
 }
 
@@ -193,20 +195,24 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
     for path in &args.files {
         let mut reader = RecordingReader::open(path)?;
         while let Some(record) = reader.next_record()? {
-            if let Record::Event(e) = record {
-                sampler.maybe_sample(&mut aggregator, e.ts_ns());
-                if matches!(e, Event::Failure(_)) {
-                    sampler.failure();
+            match record {
+                Record::Event(e) => {
+                    sampler.maybe_sample(&mut aggregator, e.ts_ns());
+                    if matches!(e, Event::Failure(_)) {
+                        sampler.failure();
+                    }
+                    aggregator.observe(&e);
                 }
-                aggregator.observe(&e);
+                Record::Netns(snapshot) => {
+                    aggregator.snapshot(&snapshot);
+                }
+                Record::Lost { .. } | Record::End { .. } => {}
             }
         }
         for problem in reader.take_problems() {
             eprintln!("twtrace: warning: {}: {}", path.display(), problem.what);
         }
     }
-    let now = aggregator.now_ns();
-    sampler.maybe_sample(&mut aggregator, now);
     let report = sampler.finish(&mut aggregator);
     if let Some(path) = &args.svg {
         write_file(path, &report.svg())?;
@@ -214,13 +220,10 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.html {
         write_file(path, &report.html())?;
     }
+    let text =
+        if args.json { format!("{:#}\n", serde_json::to_value(&report)?) } else { report.text() };
     let mut out = std::io::stdout().lock();
-    if args.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        out.write_all(b"\n")?;
-    } else {
-        out.write_all(report.text().as_bytes())?;
-    }
+    out.write_all(text.as_bytes())?;
     out.flush()?;
     Ok(())
 }

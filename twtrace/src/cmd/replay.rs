@@ -73,7 +73,7 @@ fn run(files: &[PathBuf], filter: Filter, mut sink: Box<dyn EventSink>) -> anyho
                     p.event(event)?;
                 }
                 Record::Lost { ts_ns, counters } => p.losses(ts_ns, &counters)?,
-                Record::End { .. } => {}
+                Record::End { .. } | Record::Netns(_) => {}
             }
         }
         for problem in reader.take_problems() {

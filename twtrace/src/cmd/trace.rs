@@ -24,6 +24,9 @@ use crate::{
     session::{header::Header, writer::RecordingWriter},
 };
 
+/// How often a recording gets kernel snapshots of the network namespaces.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(60);
+
 pub async fn trace(args: TraceArgs, verbose: u8) -> anyhow::Result<()> {
     let stdout = BufWriter::with_capacity(64 * 1024, io::stdout().lock());
     let sink: Box<dyn EventSink> =
@@ -96,9 +99,14 @@ async fn run(
         sink.begin()?;
         sink.flush()?;
     }
+    let snapshot_netns = filter.netns.clone();
     let mut pipeline = Pipeline::new(filter, clock, Some(Model::new()));
     pipeline.sink = sink;
     pipeline.recorder = recorder;
+    // Recordings start from the sockets that exist, and are corrected now and then, so
+    // that `report` sees what `top` would have (and a rotated file stands on its own).
+    let mut snapshot_tick = tokio::time::interval(SNAPSHOT_EVERY);
+    snapshot_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             guard = events.readable_mut() => {
@@ -111,6 +119,13 @@ async fn run(
                 let mut guard = guard.context("failed to wait for the kernel log")?;
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
+            }
+            _ = snapshot_tick.tick(), if pipeline.recorder.is_some() => {
+                for snapshot in crate::pressure::snapshots(&snapshot_netns) {
+                    if let Some(recorder) = &mut pipeline.recorder {
+                        recorder.netns(&snapshot)?;
+                    }
+                }
             }
             _ = every_second.tick() => {
                 report_losses(&tracer, &mut pipeline)?;

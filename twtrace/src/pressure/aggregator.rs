@@ -112,6 +112,16 @@ pub struct SnapshotSocket {
     pub expires_ms: Option<u32>,
 }
 
+/// What the kernel had in a network namespace at `ts_ns`: its port settings and
+/// TIME_WAIT counters, and the sockets that matter for ports (clients' sockets, and
+/// listeners, which tell clients from servers).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetnsSnapshot {
+    pub ts_ns: u64,
+    pub context: NetnsContext,
+    pub sockets: Vec<SnapshotSocket>,
+}
+
 /// What a reconciliation found the model had wrong (kept for the notes and tests).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Drift {
@@ -281,6 +291,12 @@ impl Aggregator {
                 || d.failures > 0
                 || d.connects.per_second(now) > 0.0
         });
+    }
+
+    /// Takes in a snapshot: the namespace's settings, then [`Self::reconcile`].
+    pub fn snapshot(&mut self, snapshot: &NetnsSnapshot) -> Drift {
+        self.set_context(snapshot.context.clone());
+        self.reconcile(snapshot.context.netns, &snapshot.sockets, snapshot.ts_ns)
     }
 
     /// Makes the model agree with the kernel's sockets of namespace `netns`, listed at

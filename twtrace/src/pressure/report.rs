@@ -68,10 +68,15 @@ impl Sampler {
     /// Takes a sample when a new second of event time starts.
     pub fn maybe_sample(&mut self, aggregator: &mut Aggregator, now_ns: u64) {
         let s = now_ns / 1_000_000_000;
-        let start = *self.start_s.get_or_insert(s);
         if s <= self.last_s && !self.samples.is_empty() {
             return;
         }
+        self.sample(aggregator, now_ns);
+    }
+
+    fn sample(&mut self, aggregator: &mut Aggregator, now_ns: u64) {
+        let s = now_ns / 1_000_000_000;
+        let start = *self.start_s.get_or_insert(s);
         aggregator.tick(now_ns);
         let counts: Vec<(DestinationKey, u64)> =
             aggregator.views().into_iter().map(|v| (v.key, v.time_wait)).collect();
@@ -84,6 +89,16 @@ impl Sampler {
     }
 
     pub fn finish(mut self, aggregator: &mut Aggregator) -> Report {
+        // The state at the last event closes the timeline (in place of a sample taken
+        // earlier in the same second).
+        if self.start_s.is_some() {
+            let now = aggregator.now_ns();
+            if self.last_s == now / 1_000_000_000 {
+                let failures = self.samples.pop().map_or(0, |s| s.2);
+                self.failures_this_second += failures;
+            }
+            self.sample(aggregator, now);
+        }
         let mut views = aggregator.views();
         for v in &views {
             let peak = self.peaks.entry(v.key).or_default();
@@ -211,8 +226,9 @@ impl Report {
             r#"<text x="{LEFT}" y="22" font-size="15" font-weight="bold">TIME_WAIT sockets per destination, failed connects per second</text>"#
         );
         // Axes and grid.
-        for i in 0..=4 {
-            let v = max_y * i / 4;
+        let divisions = [5, 4, 2, 1].into_iter().find(|d| max_y.is_multiple_of(*d)).unwrap_or(1);
+        for i in 0..=divisions {
+            let v = max_y * i / divisions;
             let yy = y(v);
             let _ = writeln!(
                 svg,

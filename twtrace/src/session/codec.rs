@@ -14,10 +14,16 @@ use super::frame::{
     PayloadError, get_bytes, get_signed, get_u8, get_varint, kind, put_frame, put_signed,
     put_varint,
 };
-use crate::event::{Call, Event, Failure, Family, Owner, PortContext, StateChange};
+use crate::{
+    event::{Call, Event, Failure, Family, Owner, PortContext, StateChange},
+    pressure::{
+        aggregator::{NetnsSnapshot, SnapshotSocket},
+        view::{NetnsContext, TcpExt},
+    },
+};
 
 /// What a recording holds besides events.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Record {
     Event(Event),
     /// Cumulative counts of the kernel-side counters (`twtrace_common::counters`) at `ts_ns`.
@@ -29,6 +35,8 @@ pub enum Record {
     End {
         events: u64,
     },
+    /// A kernel snapshot of one network namespace.
+    Netns(NetnsSnapshot),
 }
 
 /// A socket endpoint as recorded: the socket and its addresses at one time.
@@ -102,6 +110,42 @@ impl Encoder {
         }
         put_frame(out, kind::LOST, &p);
         self.payload = p;
+    }
+
+    /// Appends a namespace snapshot (absolute time: the frame stands alone).
+    pub fn netns(&mut self, snapshot: &NetnsSnapshot, out: &mut Vec<u8>) {
+        let mut p = Vec::with_capacity(64 + snapshot.sockets.len() * 16);
+        let c = &snapshot.context;
+        put_varint(&mut p, snapshot.ts_ns);
+        put_varint(&mut p, u64::from(c.netns));
+        // Optional values: 0 for unknown, else value + 1.
+        let (low, high) =
+            c.port_range.map_or((0, 0), |(l, h)| (u64::from(l) + 1, u64::from(h) + 1));
+        put_varint(&mut p, low);
+        put_varint(&mut p, high);
+        put_varint(&mut p, c.tcp_tw_reuse.map_or(0, |r| u64::from(r) + 1));
+        put_varint(&mut p, c.tcp_max_tw_buckets.map_or(0, |n| n + 1));
+        match c.tcpext {
+            Some(t) => {
+                p.put_u8(1);
+                for v in [t.tw, t.tw_recycled, t.tw_killed, t.time_wait_overflow] {
+                    put_varint(&mut p, v);
+                }
+            }
+            None => p.put_u8(0),
+        }
+        put_varint(&mut p, snapshot.sockets.len() as u64);
+        for s in &snapshot.sockets {
+            let family = if s.saddr.is_ipv4() { Family::Ipv4 } else { Family::Ipv6 };
+            p.put_u8(family_code(family));
+            p.put_u8(s.state);
+            put_addr(&mut p, s.saddr);
+            p.put_u16_le(s.sport);
+            put_addr(&mut p, s.daddr);
+            p.put_u16_le(s.dport);
+            put_varint(&mut p, s.expires_ms.map_or(0, |ms| u64::from(ms) + 1));
+        }
+        put_frame(out, kind::NETNS, &p);
     }
 
     /// Appends the clean-end frame.
@@ -307,6 +351,7 @@ impl Decoder {
                 Ok(None)
             }
             kind::END => Ok(Some(Record::End { events: get_varint(&mut p).map_err(malformed)? })),
+            kind::NETNS => decode_netns(&mut p).map(|s| Some(Record::Netns(s))).map_err(malformed),
             kind::TASK | kind::SOCKET | kind::STATE | kind::FAILURE | kind::LOST
                 if !self.synced =>
             {
@@ -471,6 +516,56 @@ fn decode_endpoint(p: &mut &[u8]) -> Result<(u64, Endpoint), PayloadError> {
     Ok((id, Endpoint { skaddr, netns, family, saddr, sport, daddr, dport }))
 }
 
+fn decode_netns(p: &mut &[u8]) -> Result<NetnsSnapshot, PayloadError> {
+    let ts_ns = get_varint(p)?;
+    let netns = get_u32(p)?;
+    let optional = |v: u64| v.checked_sub(1);
+    let narrow = |v: Option<u64>| -> Result<Option<u16>, PayloadError> {
+        v.map(|v| u16::try_from(v).map_err(|_| PayloadError::Invalid("port out of range")))
+            .transpose()
+    };
+    let low = narrow(optional(get_varint(p)?))?;
+    let high = narrow(optional(get_varint(p)?))?;
+    let tcp_tw_reuse = optional(get_varint(p)?).map(|r| r.min(255) as u8);
+    let tcp_max_tw_buckets = optional(get_varint(p)?);
+    let tcpext = match get_u8(p)? {
+        0 => None,
+        _ => Some(TcpExt {
+            tw: get_varint(p)?,
+            tw_recycled: get_varint(p)?,
+            tw_killed: get_varint(p)?,
+            time_wait_overflow: get_varint(p)?,
+        }),
+    };
+    let count = get_varint(p)?;
+    // Each socket takes at least 14 bytes: a count beyond that is damage, not a plan.
+    if count > (p.len() / 14) as u64 {
+        return Err(PayloadError::Invalid("socket count larger than the frame"));
+    }
+    let mut sockets = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let family = get_family(p)?;
+        let state = get_u8(p)?;
+        let saddr = get_addr(p, family)?;
+        let sport = get_u16(p)?;
+        let daddr = get_addr(p, family)?;
+        let dport = get_u16(p)?;
+        let expires_ms = optional(get_varint(p)?).map(|ms| ms.min(u64::from(u32::MAX)) as u32);
+        sockets.push(SnapshotSocket { saddr, sport, daddr, dport, state, expires_ms });
+    }
+    Ok(NetnsSnapshot {
+        ts_ns,
+        context: NetnsContext {
+            netns,
+            port_range: low.zip(high),
+            tcp_tw_reuse,
+            tcp_max_tw_buckets,
+            tcpext,
+        },
+        sockets,
+    })
+}
+
 pub fn kind_name(kind: u8) -> &'static str {
     match kind {
         kind::HEADER => "header",
@@ -481,6 +576,7 @@ pub fn kind_name(kind: u8) -> &'static str {
         kind::FAILURE => "failure",
         kind::LOST => "lost",
         kind::END => "end",
+        kind::NETNS => "netns snapshot",
         _ => "unknown",
     }
 }
@@ -566,6 +662,50 @@ pub(crate) mod tests {
             records.contains(&Record::Lost { ts_ns: 2_000_000, counters: vec![0, 3, 0, 0, 1] })
         );
         assert_eq!(records.last(), Some(&Record::End { events: events.len() as u64 }));
+    }
+
+    #[test]
+    fn netns_snapshots_round_trip() {
+        let tw = SnapshotSocket {
+            saddr: "10.0.0.1".parse().unwrap(),
+            sport: 40001,
+            daddr: "10.0.0.2".parse().unwrap(),
+            dport: 5432,
+            state: twtrace_common::tcp::TCP_TIME_WAIT,
+            expires_ms: Some(59_000),
+        };
+        let listener = SnapshotSocket {
+            saddr: "::".parse().unwrap(),
+            sport: 8080,
+            daddr: "::".parse().unwrap(),
+            dport: 0,
+            state: twtrace_common::tcp::TCP_LISTEN,
+            expires_ms: None,
+        };
+        let full = NetnsSnapshot {
+            ts_ns: 123_456_789,
+            context: NetnsContext {
+                netns: 4026531840,
+                port_range: Some((32768, 60999)),
+                tcp_tw_reuse: Some(0),
+                tcp_max_tw_buckets: Some(262144),
+                tcpext: Some(TcpExt { tw: 5, tw_recycled: 0, tw_killed: 1, time_wait_overflow: 2 }),
+            },
+            sockets: vec![tw, listener],
+        };
+        let empty = NetnsSnapshot {
+            ts_ns: 5,
+            context: NetnsContext { netns: 7, ..Default::default() },
+            sockets: vec![],
+        };
+        let mut enc = Encoder::new();
+        let mut bytes = Vec::new();
+        enc.netns(&full, &mut bytes);
+        enc.netns(&empty, &mut bytes);
+        assert_eq!(decode_all(&bytes), vec![Record::Netns(full), Record::Netns(empty)]);
+        // A count the payload cannot hold is damage.
+        let mut dec = Decoder::new();
+        assert!(dec.frame(kind::NETNS, &[1, 1, 0, 0, 0, 0, 0, 200]).is_err());
     }
 
     #[test]

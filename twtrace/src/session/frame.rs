@@ -28,6 +28,9 @@ pub mod kind {
     pub const LOST: u8 = 7;
     /// Clean end of file, with totals.
     pub const END: u8 = 8;
+    /// A network namespace as the kernel had it: settings, counters, sockets holding
+    /// ports (for `report`). Self-contained: readable outside a chunk.
+    pub const NETNS: u8 = 9;
 }
 
 pub fn put_varint(buf: &mut impl BufMut, mut v: u64) {

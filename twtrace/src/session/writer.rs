@@ -159,6 +159,18 @@ impl RecordingWriter {
         Ok(())
     }
 
+    /// Records what the kernel had in one network namespace.
+    pub fn netns(
+        &mut self,
+        snapshot: &crate::pressure::aggregator::NetnsSnapshot,
+    ) -> anyhow::Result<()> {
+        self.enc.netns(snapshot, &mut self.buf);
+        if self.buf.len() >= BUFFER_BYTES {
+            self.write_buffer()?;
+        }
+        Ok(())
+    }
+
     /// Periodic work: write buffered frames, sync to disk, rotate.
     pub fn tick(&mut self) -> anyhow::Result<()> {
         if self.last_flush.elapsed() >= FLUSH_EVERY {

@@ -7,9 +7,11 @@
 
 mod cli;
 mod connect;
+mod container;
 mod pressure;
 mod record;
 mod scenario;
+mod serve;
 mod support;
 mod trace;
 
@@ -28,6 +30,8 @@ fn main() -> std::process::ExitCode {
     trials.extend(connect::trials());
     trials.extend(record::trials());
     trials.extend(pressure::trials());
+    trials.extend(serve::trials());
+    trials.extend(container::trials());
     libtest_mimic::run(&args, trials).exit_code()
 }
 

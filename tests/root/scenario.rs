@@ -63,6 +63,21 @@ pub fn spawn_client(
         .expect("failed to start the client process")
 }
 
+/// [`spawn_client`] inside the cgroup directory `cgroup` (as a container's process).
+pub fn spawn_client_in_cgroup(
+    netns: &str,
+    addr: SocketAddr,
+    count: usize,
+    cgroup: &std::path::Path,
+) -> Child {
+    role_command("client", netns, addr, count, Closer::Client)
+        .env("TWTRACE_TEST_TOLERATE", "0")
+        .env("TWTRACE_TEST_CGROUP", cgroup)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("failed to start the client process")
+}
+
 /// Starts a one-shot role (`refuse`, `bind`, `unreachable`, `nonblocking`) that prints
 /// one result line.
 pub fn spawn_role(role: &str, netns: &str, addr: SocketAddr, count: usize) -> Child {
@@ -99,6 +114,12 @@ pub fn run_role_if_requested() -> Option<ExitCode> {
     let role = std::env::var("TWTRACE_TEST_ROLE").ok()?;
     let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} not set"));
     enter_netns(&env("TWTRACE_TEST_NETNS"));
+    // A container's process: move into its cgroup before any socket exists.
+    if let Ok(cgroup) = std::env::var("TWTRACE_TEST_CGROUP") {
+        let procs = std::path::Path::new(&cgroup).join("cgroup.procs");
+        std::fs::write(&procs, std::process::id().to_string())
+            .unwrap_or_else(|e| panic!("failed to join {}: {e}", procs.display()));
+    }
     let addr: SocketAddr = env("TWTRACE_TEST_ADDR").parse().unwrap();
     let count: usize = env("TWTRACE_TEST_COUNT").parse().unwrap();
     let closer =

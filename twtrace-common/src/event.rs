@@ -54,8 +54,11 @@ pub struct Task {
     pub tid: u32,
     /// `task->comm`, NUL-padded.
     pub comm: [u8; 16],
+    /// The task's cgroup v2 id (the inode of its cgroup directory): which container,
+    /// pod or service it runs in.
+    pub cgroup: u64,
 }
-const _: () = assert!(core::mem::size_of::<Task>() == 24);
+const _: () = assert!(core::mem::size_of::<Task>() == 32);
 
 /// How the process of an event was found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,10 +113,11 @@ pub struct SockStateEvent {
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<SockStateEvent>() == 104);
+const _: () = assert!(core::mem::size_of::<SockStateEvent>() == 112);
 
 impl SockStateEvent {
-    pub const VERSION: u8 = 1;
+    /// 2: the task carries its cgroup id.
+    pub const VERSION: u8 = 2;
 }
 
 /// Where a failure was seen.
@@ -177,10 +181,11 @@ pub struct FailureEvent {
     pub settings_known: u8,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<FailureEvent>() == 104);
+const _: () = assert!(core::mem::size_of::<FailureEvent>() == 112);
 
 impl FailureEvent {
-    pub const VERSION: u8 = 1;
+    /// 2: the task carries its cgroup id.
+    pub const VERSION: u8 = 2;
 }
 
 #[cfg(feature = "user")]

@@ -9,8 +9,8 @@
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel_buf,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel_buf,
     },
     macros::tracepoint,
     programs::TracePointContext,
@@ -350,5 +350,7 @@ pub fn current_task() -> Task {
         pid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
         comm: bpf_get_current_comm().unwrap_or_default(),
+        // SAFETY: no preconditions.
+        cgroup: unsafe { bpf_get_current_cgroup_id() },
     }
 }

@@ -146,7 +146,7 @@ fn main() {
         events.len() / 10
     );
     println!(
-        "  bytes on disk     {bytes} ({:.1} bytes/event; goal <= 40; the kernel record is 104)",
+        "  bytes on disk     {bytes} ({:.1} bytes/event; goal <= 40; the kernel record is 112)",
         bytes as f64 / n
     );
     println!(

@@ -96,6 +96,19 @@ pub enum Command {
     #[command(verbatim_doc_comment)]
     Report(ReportArgs),
 
+    /// Run as a daemon: port pressure and failures as Prometheus metrics.
+    ///
+    /// Serves /metrics on --metrics-addr (loopback by default: say 0.0.0.0 yourself to
+    /// expose it). Optionally records (--write, with --rotate/--keep). SIGHUP re-reads
+    /// --filters FILE; SIGTERM or Ctrl-C flush everything and exit 0. See deploy/ for a
+    /// systemd unit, a Kubernetes DaemonSet and a Grafana dashboard.
+    ///
+    /// Examples:
+    ///   twtrace serve
+    ///   twtrace serve --metrics-addr 0.0.0.0:9477 --write /var/lib/twtrace/tw.twtrace --rotate 100MB --keep 10
+    #[command(verbatim_doc_comment)]
+    Serve(ServeArgs),
+
     /// Convert a recording to JSON Lines or CSV.
     ///
     /// Examples:
@@ -147,6 +160,15 @@ pub struct TopArgs {
     #[arg(long, value_name = "INODE")]
     pub netns: Vec<u32>,
 
+    /// Only connections of processes in this cgroup or below (comma-separated).
+    #[arg(long, value_name = "PATH", value_delimiter = ',')]
+    pub cgroup: Vec<String>,
+
+    /// Only connections of processes in this container or pod (id prefix, 4+ characters;
+    /// comma-separated).
+    #[arg(long, value_name = "ID", value_delimiter = ',')]
+    pub container: Vec<String>,
+
     #[command(flatten)]
     pub kernel: KernelArgs,
 }
@@ -156,6 +178,41 @@ fn parse_interval(s: &str) -> Result<f64, String> {
         Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
         _ => Err(format!("'{s}' is not a number of seconds between 0.1 and 3600")),
     }
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Where to serve the metrics (HTTP, path /metrics).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9477")]
+    pub metrics_addr: std::net::SocketAddr,
+
+    /// Destinations exported per metric, most pressed first; the rest are summed under
+    /// daddr="other" (keeps Prometheus's series count bounded).
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    pub top: usize,
+
+    /// Filter options as for `trace`, read from this file (any number per line, `#`
+    /// comments) on start and again on SIGHUP; added to those on the command line.
+    #[arg(long, value_name = "FILE")]
+    pub filters: Option<PathBuf>,
+
+    /// Also record the events to this file (see `twtrace record`).
+    #[arg(long, value_name = "FILE")]
+    pub write: Option<PathBuf>,
+
+    /// Do not turn on the kernel's BPF run statistics (twtrace_bpf_run_*): they add a
+    /// clock read to every BPF program run on the host, not only twtrace's.
+    #[arg(long)]
+    pub no_bpf_stats: bool,
+
+    #[command(flatten)]
+    pub recording: RecordingArgs,
+
+    #[command(flatten)]
+    pub filter: FilterArgs,
+
+    #[command(flatten)]
+    pub kernel: KernelArgs,
 }
 
 #[derive(Debug, Args)]
@@ -316,6 +373,16 @@ pub struct FilterArgs {
     #[arg(long, value_name = "INODE", value_delimiter = ',')]
     pub netns: Vec<u32>,
 
+    /// Only processes in this cgroup or below it, e.g. /system.slice/nginx.service (as in
+    /// /proc/PID/cgroup; comma-separated).
+    #[arg(long, value_name = "PATH", value_delimiter = ',')]
+    pub cgroup: Vec<String>,
+
+    /// Only processes in this container: a container id prefix (docker, containerd,
+    /// cri-o, podman; 4+ characters) or a Kubernetes pod UID (comma-separated).
+    #[arg(long, value_name = "ID", value_delimiter = ',')]
+    pub container: Vec<String>,
+
     /// Only failures: connect() and bind() errors (connect_error, bind_error events).
     /// With --state, the states asked for are shown too.
     #[arg(long)]
@@ -331,8 +398,8 @@ pub struct FilterArgs {
 }
 
 impl FilterArgs {
-    pub fn to_filter(&self) -> Filter {
-        Filter {
+    pub fn to_filter(&self) -> anyhow::Result<Filter> {
+        Ok(Filter {
             pids: self.pid.clone(),
             comms: self.comm.clone(),
             ports: self.port.clone(),
@@ -347,7 +414,9 @@ impl FilterArgs {
             },
             netns: self.netns.clone(),
             failed: self.failed,
-        }
+            workloads: crate::container::WorkloadFilter::new(&self.cgroup, &self.container)
+                .map_err(|e| anyhow::anyhow!("--cgroup/--container: {e}"))?,
+        })
     }
 }
 
@@ -490,7 +559,7 @@ mod tests {
         ])
         .unwrap();
         let Command::Trace(args) = cli.command else { panic!() };
-        let f = args.filter.to_filter();
+        let f = args.filter.to_filter().unwrap();
         assert_eq!(f.pids, vec![1, 2]);
         assert_eq!(f.ports, vec![80]);
         assert_eq!(f.states, vec![tcp::TCP_TIME_WAIT]);

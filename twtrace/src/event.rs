@@ -42,11 +42,17 @@ pub struct Owner {
     pub pid: u32,
     pub tid: u32,
     comm: [u8; 16],
+    /// cgroup v2 id; 0 when unknown (recordings made before twtrace recorded it).
+    pub cgroup: u64,
 }
 
 impl Owner {
     pub fn new(pid: u32, tid: u32, comm: [u8; 16]) -> Self {
-        Self { pid, tid, comm }
+        Self { pid, tid, comm, cgroup: 0 }
+    }
+
+    pub fn with_cgroup(self, cgroup: u64) -> Self {
+        Self { cgroup, ..self }
     }
 
     /// The command name, up to the first NUL; invalid UTF-8 is replaced.
@@ -225,8 +231,9 @@ fn failure(raw: &FailureEvent, call: Call) -> Result<Failure, DecodeError> {
         ts_ns: raw.header.ts_ns,
         cpu: raw.header.cpu,
         skaddr: (raw.skaddr != 0).then_some(raw.skaddr),
-        owner: (attribution != Attribution::Unknown)
-            .then(|| Owner::new(raw.task.pid, raw.task.tid, raw.task.comm)),
+        owner: (attribution != Attribution::Unknown).then(|| {
+            Owner::new(raw.task.pid, raw.task.tid, raw.task.comm).with_cgroup(raw.task.cgroup)
+        }),
         attribution,
         netns: raw.netns,
         errno: raw.errno,
@@ -262,8 +269,9 @@ fn state_change(raw: &SockStateEvent) -> StateChange {
         cpu: raw.header.cpu,
         skaddr: raw.skaddr,
         prev_state_ns: (raw.prev_state_ns != 0).then_some(raw.prev_state_ns),
-        owner: (attribution != Attribution::Unknown)
-            .then(|| Owner::new(raw.task.pid, raw.task.tid, raw.task.comm)),
+        owner: (attribution != Attribution::Unknown).then(|| {
+            Owner::new(raw.task.pid, raw.task.tid, raw.task.comm).with_cgroup(raw.task.cgroup)
+        }),
         attribution,
         netns: raw.netns,
         family,
@@ -314,7 +322,7 @@ pub(crate) mod tests {
             },
             skaddr: 0xffff_8880_0000_1000,
             prev_state_ns: 1_500_000,
-            task: Task { pid: 1234, tid: 1235, comm },
+            task: Task { pid: 1234, tid: 1235, comm, cgroup: 4321 },
             netns: 4026531840,
             family,
             sport: 40000,
@@ -374,7 +382,7 @@ pub(crate) mod tests {
     fn rejects_short_unknown_and_newer_records() {
         let raw = raw_state(EventKind::State, AF_INET);
         let bytes = bytes_of(&raw);
-        assert!(matches!(decode(&bytes[..20]), Err(DecodeError::Truncated { need: 104, .. })));
+        assert!(matches!(decode(&bytes[..20]), Err(DecodeError::Truncated { need: 112, .. })));
         assert!(matches!(decode(&bytes[..3]), Err(DecodeError::Truncated { need: 16, .. })));
         let mut unknown = raw;
         unknown.header.kind = 200;
@@ -401,7 +409,7 @@ pub(crate) mod tests {
                 ts_ns: 7,
             },
             skaddr: 0xffff_8880_0000_2000,
-            task: Task { pid: 77, tid: 78, comm },
+            task: Task { pid: 77, tid: 78, comm, cgroup: 0 },
             netns: 4026531840,
             errno,
             family: AF_INET,
@@ -460,7 +468,7 @@ pub(crate) mod tests {
         ));
         assert!(matches!(
             decode(&bytes_of(&raw)[..103]),
-            Err(DecodeError::Truncated { need: 104, .. })
+            Err(DecodeError::Truncated { need: 112, .. })
         ));
     }
 

@@ -1,9 +1,13 @@
 //! Which events the user asked to see (`--pid`, `--comm`, `--port`, `--daddr`, `--state`,
-//! `-4`/`-6`, `--netns`). Each given list must match; an empty list matches everything.
+//! `-4`/`-6`, `--netns`, `--cgroup`, `--container`). Each given list must match; an empty
+//! list matches everything.
 
 use std::net::IpAddr;
 
-use crate::event::{Call, Event, Failure, Family, StateChange};
+use crate::{
+    container::{CgroupResolver, WorkloadFilter},
+    event::{Call, Event, Failure, Family, StateChange},
+};
 
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
@@ -16,6 +20,8 @@ pub struct Filter {
     pub netns: Vec<u32>,
     /// Only failures (connect_error, bind_error).
     pub failed: bool,
+    /// Only processes in these cgroups / containers (needs a [`CgroupResolver`]).
+    pub workloads: WorkloadFilter,
 }
 
 fn any_or<T>(list: &[T], pred: impl FnMut(&T) -> bool) -> bool {
@@ -28,6 +34,36 @@ fn same_addr(a: IpAddr, b: IpAddr) -> bool {
 }
 
 impl Filter {
+    /// This filter with `other`'s lists added (each list still matches any of its values)
+    /// and its flags.
+    pub fn merged_with(mut self, other: Filter) -> Filter {
+        self.pids.extend(other.pids);
+        self.comms.extend(other.comms);
+        self.ports.extend(other.ports);
+        self.daddrs.extend(other.daddrs);
+        self.states.extend(other.states);
+        self.netns.extend(other.netns);
+        self.family = self.family.or(other.family);
+        self.failed |= other.failed;
+        self.workloads = self.workloads.merged_with(other.workloads);
+        self
+    }
+
+    /// [`Self::matches`], and the owner's cgroup against `--cgroup`/`--container`.
+    pub fn matches_with(&self, event: &Event, resolver: &mut CgroupResolver) -> bool {
+        if !self.matches(event) {
+            return false;
+        }
+        if self.workloads.is_empty() {
+            return true;
+        }
+        let owner = match event {
+            Event::State(s) => s.owner,
+            Event::Failure(f) => f.owner,
+        };
+        owner.is_some_and(|o| resolver.matches(o.cgroup, &self.workloads))
+    }
+
     pub fn matches(&self, event: &Event) -> bool {
         match event {
             // --failed alone drops state events; with --state, the states asked for stay.

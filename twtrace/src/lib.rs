@@ -6,11 +6,13 @@
 pub mod cli;
 pub mod clock;
 pub mod cmd;
+pub mod container;
 pub mod errno;
 pub mod event;
 pub mod filter;
 pub mod kernel_btf;
 pub mod loader;
+pub mod metrics;
 pub mod model;
 pub mod output;
 pub mod pipeline;

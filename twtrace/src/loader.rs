@@ -162,6 +162,18 @@ impl Tracer {
         aya_log::EbpfLogger::init(&mut self.ebpf).context("failed to set up the kernel log")
     }
 
+    /// Run time and runs of every loaded program, cumulative (zero unless BPF run
+    /// statistics are on: see [`enable_run_statistics`]).
+    pub fn program_stats(&self) -> Vec<(String, std::time::Duration, u64)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, prog)| {
+                let info = prog.info().ok()?;
+                Some((name.to_owned(), info.run_time(), info.run_count()))
+            })
+            .collect()
+    }
+
     /// Reads the kernel-side counters (see `twtrace_common::counters`), summed over CPUs,
     /// and the runs the kernel skipped.
     pub fn counters(&self) -> anyhow::Result<[u64; counters::COUNT as usize]> {
@@ -392,4 +404,12 @@ fn raise_memlock_limit() {
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         log::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
     }
+}
+
+/// Turns on the kernel's BPF run-time statistics for as long as the returned descriptor
+/// is open (BPF_ENABLE_STATS: unlike the `kernel.bpf_stats_enabled` sysctl, nothing to
+/// restore if twtrace dies). They cost a clock read per program run.
+pub fn enable_run_statistics() -> anyhow::Result<std::os::fd::OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("failed to enable BPF run-time statistics (BPF_ENABLE_STATS, Linux 5.8+)")
 }

@@ -30,6 +30,7 @@ fn main() -> ExitCode {
             Command::Export(args) => twtrace::cmd::replay::export(args),
             Command::Top(args) => twtrace::cmd::pressure::top(args, cli.verbose).await,
             Command::Report(args) => twtrace::cmd::pressure::report(args),
+            Command::Serve(args) => twtrace::cmd::serve::serve(args, cli.verbose).await,
             Command::Completions { shell } => {
                 let mut cmd = <Cli as clap::CommandFactory>::command();
                 clap_complete::generate(shell, &mut cmd, "twtrace", &mut std::io::stdout());

@@ -6,6 +6,7 @@ use twtrace_common::counters;
 
 use crate::{
     clock::Clock,
+    container::CgroupResolver,
     event::{self, Event},
     filter::Filter,
     model::Model,
@@ -23,6 +24,9 @@ pub struct Tally {
     pub undecodable: u64,
 }
 
+/// A consumer of the events that pass the filter.
+pub type Tap = Box<dyn FnMut(&Event) + Send>;
+
 pub struct Pipeline {
     pub filter: Filter,
     pub sink: Option<Box<dyn EventSink>>,
@@ -30,7 +34,11 @@ pub struct Pipeline {
     pub clock: Clock,
     /// Adds context to failures. None when replaying: recorded events carry theirs.
     pub model: Option<Model>,
+    /// Also sees every event that passes the filter (the daemon's aggregator and metrics).
+    pub tap: Option<Tap>,
     pub tally: Tally,
+    /// Turns the owners' cgroup ids into containers for `--cgroup`/`--container`.
+    pub resolver: CgroupResolver,
     /// Kernel-side counters as last reported (cumulative).
     losses: [u64; counters::COUNT as usize],
 }
@@ -43,7 +51,9 @@ impl Pipeline {
             recorder: None,
             clock,
             model,
+            tap: None,
             tally: Tally::default(),
+            resolver: CgroupResolver::new(),
             losses: [0; counters::COUNT as usize],
         }
     }
@@ -70,13 +80,16 @@ impl Pipeline {
             Event::State(s) => self.tally.time_wait += u64::from(s.time_wait),
             Event::Failure(_) => self.tally.failures += 1,
         }
-        if self.filter.matches(&event) {
+        if self.filter.matches_with(&event, &mut self.resolver) {
             self.tally.shown += 1;
             if let Some(sink) = &mut self.sink {
                 sink.write_event(&event, &self.clock)?;
             }
             if let Some(recorder) = &mut self.recorder {
                 recorder.event(&event)?;
+            }
+            if let Some(tap) = &mut self.tap {
+                tap(&event);
             }
         }
         Ok(())

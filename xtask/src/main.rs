@@ -132,6 +132,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let env = setup::run(&root)?;
             cargo(&root, &env, &["fmt", "--all", "--", "--check"])?;
             cargo(&root, &env, &["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            // The deployment files: systemd unit, Kubernetes manifest, Grafana dashboard.
+            setup::ensure_packages(
+                &[("systemd-analyze", "systemd"), ("promtool", "prometheus")],
+                setup::Removals::Refuse,
+            )?;
+            setup::ensure_python_module("yaml", "python3-yaml")?;
+            let status = std::process::Command::new(root.join("deploy/check.sh"))
+                .status()
+                .context("failed to run deploy/check.sh")?;
+            if !status.success() {
+                bail!("deploy/check.sh failed ({status})");
+            }
         }
         Task::Bench { seconds, rounds, json } => {
             let env = setup::run(&root)?;

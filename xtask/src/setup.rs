@@ -116,7 +116,7 @@ fn ensure_bpf_linker() -> anyhow::Result<PathBuf> {
 
 /// Debian packages the tests and the tracer's users rely on: `ip` (iproute2, for network
 /// namespaces), `ss` and `nstat` (ground truth), `setpriv` (util-linux), `tmux` (a real
-/// terminal for the full-screen test).
+/// terminal for the full-screen test), `prometheus` and `promtool` (scraping `serve`).
 fn ensure_debian_packages() -> anyhow::Result<()> {
     ensure_packages(
         &[
@@ -126,6 +126,8 @@ fn ensure_debian_packages() -> anyhow::Result<()> {
             ("setpriv", "util-linux"),
             ("sysctl", "procps"),
             ("tmux", "tmux"),
+            ("prometheus", "prometheus"),
+            ("promtool", "prometheus"),
         ],
         Removals::Refuse,
     )
@@ -144,6 +146,21 @@ pub(crate) fn ensure_packages(wanted: &[(&str, &str)], removals: Removals) -> an
     let mut missing: Vec<&str> =
         wanted.iter().filter(|(cmd, _)| !crate::which(cmd)).map(|&(_, pkg)| pkg).collect();
     missing.dedup();
+    install(&missing, removals)
+}
+
+/// Installs `package` unless python3 can import `module` already.
+pub(crate) fn ensure_python_module(module: &str, package: &str) -> anyhow::Result<()> {
+    let present = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if present { Ok(()) } else { install(&[package], Removals::Refuse) }
+}
+
+/// Installs Debian packages with apt-get (as root).
+fn install(missing: &[&str], removals: Removals) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
@@ -165,7 +182,7 @@ pub(crate) fn ensure_packages(wanted: &[(&str, &str)], removals: Removals) -> an
     }
     let ok = Command::new("apt-get").arg("update").status().is_ok_and(|s| s.success())
         && install
-            .args(&missing)
+            .args(missing)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()
             .is_ok_and(|s| s.success());

@@ -513,6 +513,8 @@ fn init_script(build: &Build, modules: &[PathBuf], args: &[String]) -> String {
         // ip netns keeps its namespaces in /run/netns and needs a writable /run.
         ("tmpfs", "/run"),
         ("tracefs", "/sys/kernel/tracing"),
+        // Containers are cgroups: the container tests make their own.
+        ("cgroup2", "/sys/fs/cgroup"),
     ] {
         // The initramfs root is writable already (so /tmp needs no tmpfs), and a mount over
         // a directory holding the test binaries (a checkout under /run, say) would hide them.

@@ -2,4 +2,5 @@
 
 pub mod pressure;
 pub mod replay;
+pub mod serve;
 pub mod trace;

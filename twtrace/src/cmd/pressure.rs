@@ -16,6 +16,7 @@ use tokio::{
 use crate::{
     cli::{ReportArgs, TopArgs},
     clock::Clock,
+    container::{CgroupResolver, WorkloadFilter},
     event::{self, Event},
     loader::Tracer,
     model::Model,
@@ -30,6 +31,7 @@ use crate::{
 
 pub async fn top(args: TopArgs, verbose: u8) -> anyhow::Result<()> {
     privileges::check()?;
+    privileges::warn_if_namespaces_hidden();
     let mut tracer = Tracer::start(&args.kernel.to_options(verbose))?;
     // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, for as long as
     // the AsyncFd that registered it lives.
@@ -37,8 +39,10 @@ pub async fn top(args: TopArgs, verbose: u8) -> anyhow::Result<()> {
         AsyncFd::register_with_interest(tracer.take_events()?, tokio::io::Interest::READABLE)
     }
     .context("failed to poll the event ring buffer")?;
-    let mut aggregator = Aggregator::new();
-    let mut model = Model::new();
+    let workloads = WorkloadFilter::new(&args.cgroup, &args.container)
+        .map_err(|e| anyhow::anyhow!("--cgroup/--container: {e}"))?;
+    let mut source = Source { model: Model::new(), resolver: CgroupResolver::new(), workloads };
+    let mut aggregator = Aggregator::new().only_observed(!source.workloads.is_empty());
     // A true start: the sockets that exist already.
     snapshot(&mut aggregator, &args.netns);
 
@@ -73,11 +77,11 @@ pub async fn top(args: TopArgs, verbose: u8) -> anyhow::Result<()> {
         tokio::select! {
             guard = events.readable_mut() => {
                 let mut guard = guard.context("failed to wait for events")?;
-                seen += drain(guard.get_inner_mut(), &mut aggregator, &mut model, &args.netns);
+                seen += drain(guard.get_inner_mut(), &mut aggregator, &mut source, &args.netns);
                 guard.clear_ready();
             }
             _ = drain_tick.tick() => {
-                seen += drain(events.get_mut(), &mut aggregator, &mut model, &args.netns);
+                seen += drain(events.get_mut(), &mut aggregator, &mut source, &args.netns);
                 if let Some(s) = &mut screen {
                     match s.poll_key(Duration::ZERO)? {
                         Some(Key::Quit) => break,
@@ -90,7 +94,7 @@ pub async fn top(args: TopArgs, verbose: u8) -> anyhow::Result<()> {
                 }
             }
             _ = refresh.tick() => {
-                seen += drain(events.get_mut(), &mut aggregator, &mut model, &args.netns);
+                seen += drain(events.get_mut(), &mut aggregator, &mut source, &args.netns);
                 aggregator.tick(Clock::monotonic_now_ns());
                 let rate = (seen - seen_at_last_frame) as f64 / interval.as_secs_f64();
                 seen_at_last_frame = seen;
@@ -117,7 +121,11 @@ pub async fn top(args: TopArgs, verbose: u8) -> anyhow::Result<()> {
                     }
                 }
             }
-            _ = reconcile.tick() => snapshot(&mut aggregator, &args.netns),
+            _ = reconcile.tick() => {
+                // Events already waiting go first: the snapshot includes their effect.
+                seen += drain(events.get_mut(), &mut aggregator, &mut source, &args.netns);
+                snapshot(&mut aggregator, &args.netns);
+            }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
@@ -160,10 +168,17 @@ fn snapshot(aggregator: &mut Aggregator, only: &[u32]) {
     }
 }
 
+/// What decides which events reach the aggregator.
+struct Source {
+    model: Model,
+    resolver: CgroupResolver,
+    workloads: WorkloadFilter,
+}
+
 fn drain(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     aggregator: &mut Aggregator,
-    model: &mut Model,
+    source: &mut Source,
     netns: &[u32],
 ) -> u64 {
     let mut n = 0;
@@ -171,10 +186,21 @@ fn drain(
         n += 1;
         match event::decode(&record) {
             Ok(mut e) => {
-                model.observe(&mut e);
-                if netns.is_empty() || netns.contains(&event_netns(&e)) {
-                    aggregator.observe(&e);
+                source.model.observe(&mut e);
+                if !netns.is_empty() && !netns.contains(&event_netns(&e)) {
+                    continue;
                 }
+                if !source.workloads.is_empty() {
+                    let owner = match &e {
+                        Event::State(s) => s.owner,
+                        Event::Failure(f) => f.owner,
+                    };
+                    let cgroup = owner.map_or(0, |o| o.cgroup);
+                    if !source.resolver.matches(cgroup, &source.workloads) {
+                        continue;
+                    }
+                }
+                aggregator.observe(&e);
             }
             Err(e) => log::warn!("skipped a kernel record: {e}"),
         }

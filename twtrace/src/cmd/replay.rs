@@ -21,7 +21,7 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let stdout = BufWriter::with_capacity(64 * 1024, io::stdout().lock());
     let sink: Box<dyn EventSink> =
         if args.json { Box::new(JsonLines::new(stdout)) } else { Box::new(Human::new(stdout)) };
-    run(&args.files, args.filter.to_filter(), sink)
+    run(&args.files, args.filter.to_filter()?, sink)
 }
 
 pub fn export(args: ExportArgs) -> anyhow::Result<()> {
@@ -36,7 +36,7 @@ pub fn export(args: ExportArgs) -> anyhow::Result<()> {
         ExportFormat::Jsonl => Box::new(JsonLines::new(out)),
         ExportFormat::Csv => Box::new(Csv::new(out)),
     };
-    run(&args.files, args.filter.to_filter(), sink)
+    run(&args.files, args.filter.to_filter()?, sink)
 }
 
 fn run(files: &[PathBuf], filter: Filter, mut sink: Box<dyn EventSink>) -> anyhow::Result<()> {

@@ -29,17 +29,20 @@ const SNAPSHOT_EVERY: Duration = Duration::from_secs(60);
 
 pub async fn trace(args: TraceArgs, verbose: u8) -> anyhow::Result<()> {
     let stdout = BufWriter::with_capacity(64 * 1024, io::stdout().lock());
-    let sink: Box<dyn EventSink> =
-        if args.json { Box::new(JsonLines::new(stdout)) } else { Box::new(Human::new(stdout)) };
+    let sink: Box<dyn EventSink> = if args.json {
+        Box::new(JsonLines::new(stdout).with_workloads())
+    } else {
+        Box::new(Human::new(stdout))
+    };
     let recording = args.write.map(|path| (path, args.recording));
-    run(&args.kernel, args.filter.to_filter(), Some(sink), recording, None, verbose).await
+    run(&args.kernel, args.filter.to_filter()?, Some(sink), recording, None, verbose).await
 }
 
 pub async fn record(args: RecordArgs, verbose: u8) -> anyhow::Result<()> {
     let recording = Some((args.output, args.recording));
     run(
         &args.kernel,
-        args.filter.to_filter(),
+        args.filter.to_filter()?,
         None,
         recording,
         args.duration.map(Into::into),
@@ -89,6 +92,16 @@ async fn run(
     let deadline = tokio::time::sleep(duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
 
+    let snapshot_netns = filter.netns.clone();
+    let mut pipeline = Pipeline::new(filter, clock, Some(Model::new()));
+    pipeline.recorder = recorder;
+    // Recordings start from the sockets that exist, and are corrected now and then, so
+    // that `report` sees what `top` would have (and a rotated file stands on its own).
+    let mut snapshot_tick = tokio::time::interval(SNAPSHOT_EVERY);
+    snapshot_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    snapshot_tick.tick().await;
+    record_snapshots(events.get_mut(), &mut pipeline, &snapshot_netns)?;
+
     // Tests and scripts wait for this line: the programs are attached once it is printed.
     eprintln!(
         "twtrace: tracing TCP state changes and failed connects (tracepoints: {}; port search: {}). Ctrl-C to stop.",
@@ -99,14 +112,7 @@ async fn run(
         sink.begin()?;
         sink.flush()?;
     }
-    let snapshot_netns = filter.netns.clone();
-    let mut pipeline = Pipeline::new(filter, clock, Some(Model::new()));
     pipeline.sink = sink;
-    pipeline.recorder = recorder;
-    // Recordings start from the sockets that exist, and are corrected now and then, so
-    // that `report` sees what `top` would have (and a rotated file stands on its own).
-    let mut snapshot_tick = tokio::time::interval(SNAPSHOT_EVERY);
-    snapshot_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             guard = events.readable_mut() => {
@@ -120,12 +126,8 @@ async fn run(
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
             }
-            _ = snapshot_tick.tick(), if pipeline.recorder.is_some() => {
-                for snapshot in crate::pressure::snapshots(&snapshot_netns) {
-                    if let Some(recorder) = &mut pipeline.recorder {
-                        recorder.netns(&snapshot)?;
-                    }
-                }
+            _ = snapshot_tick.tick() => {
+                record_snapshots(events.get_mut(), &mut pipeline, &snapshot_netns)?;
             }
             _ = every_second.tick() => {
                 report_losses(&tracer, &mut pipeline)?;
@@ -142,6 +144,26 @@ async fn run(
     report_losses(&tracer, &mut pipeline)?;
     pipeline.finish()?;
     eprintln!("{}", pipeline.summary());
+    Ok(())
+}
+
+/// Records the kernel's view of the namespaces (when recording). The events already in
+/// the ring buffer go first, so that `report` replays them before the snapshot that
+/// includes their effect.
+fn record_snapshots(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    pipeline: &mut Pipeline,
+    netns: &[u32],
+) -> anyhow::Result<()> {
+    if pipeline.recorder.is_none() {
+        return Ok(());
+    }
+    drain(ring, pipeline)?;
+    for snapshot in crate::pressure::snapshots(netns) {
+        if let Some(recorder) = &mut pipeline.recorder {
+            recorder.netns(&snapshot)?;
+        }
+    }
     Ok(())
 }
 

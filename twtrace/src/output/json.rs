@@ -9,16 +9,50 @@ use twtrace_common::Attribution;
 
 use crate::{
     clock::Clock,
+    container::{CgroupResolver, Workload},
     event::{Event, Failure, Family, Owner, StateChange, attribution_name},
 };
 
 pub struct JsonLines<W: Write> {
     out: W,
+    /// Live tracing: names the owner's container/pod/unit from its cgroup id.
+    resolver: Option<CgroupResolver>,
 }
 
 impl<W: Write> JsonLines<W> {
     pub fn new(out: W) -> Self {
-        Self { out }
+        Self { out, resolver: None }
+    }
+
+    /// Adds `container`, `runtime`, `pod_uid` and `unit` to events whose owner's cgroup
+    /// names them (live only: a recording's cgroup ids may be gone).
+    pub fn with_workloads(mut self) -> Self {
+        self.resolver = Some(CgroupResolver::new());
+        self
+    }
+}
+
+/// What the owner's cgroup says (fields left out when unknown).
+#[derive(Serialize, Default)]
+struct WorkloadJson<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    runtime: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod_uid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unit: Option<&'a str>,
+}
+
+impl<'a> WorkloadJson<'a> {
+    fn new(w: Option<&'a Workload>) -> Self {
+        w.map_or_else(Self::default, |w| Self {
+            container: w.container_id.as_deref(),
+            runtime: w.runtime,
+            pod_uid: w.pod_uid.as_deref(),
+            unit: w.unit.as_deref(),
+        })
     }
 }
 
@@ -45,6 +79,9 @@ struct Head<'a> {
     pid: Option<u32>,
     tid: Option<u32>,
     comm: Option<std::borrow::Cow<'a, str>>,
+    /// cgroup v2 id of the owner (0 and absent owners are left out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup: Option<u64>,
     attribution: &'static str,
     family: &'static str,
     saddr: std::net::IpAddr,
@@ -69,6 +106,7 @@ impl<'a> Head<'a> {
             pid: owner.map(|o| o.pid),
             tid: owner.map(|o| o.tid),
             comm: owner.map(|o| o.comm()),
+            cgroup: owner.map(|o| o.cgroup).filter(|&c| c != 0),
             attribution: attribution_name(attribution),
             family: family.name(),
             saddr,
@@ -90,10 +128,12 @@ pub struct StateJson<'a> {
     netns: u32,
     skaddr: Hex,
     cpu: u32,
+    #[serde(flatten)]
+    workload: WorkloadJson<'a>,
 }
 
 impl<'a> StateJson<'a> {
-    pub fn new(s: &'a StateChange, clock: &Clock) -> Self {
+    pub fn new(s: &'a StateChange, clock: &Clock, workload: Option<&'a Workload>) -> Self {
         Self {
             head: Head::new(
                 s.kind_name(),
@@ -113,6 +153,7 @@ impl<'a> StateJson<'a> {
             netns: s.netns,
             skaddr: Hex(s.skaddr),
             cpu: s.cpu,
+            workload: WorkloadJson::new(workload),
         }
     }
 }
@@ -140,10 +181,12 @@ pub struct FailureJson<'a> {
     time_wait_to_destination: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     time_wait_in_netns: Option<u64>,
+    #[serde(flatten)]
+    workload: WorkloadJson<'a>,
 }
 
 impl<'a> FailureJson<'a> {
-    pub fn new(f: &'a Failure, clock: &Clock) -> Self {
+    pub fn new(f: &'a Failure, clock: &Clock, workload: Option<&'a Workload>) -> Self {
         let connect = f.call == crate::event::Call::Connect;
         Self {
             head: Head::new(
@@ -168,15 +211,29 @@ impl<'a> FailureJson<'a> {
             tcp_tw_reuse: f.context.and_then(|c| c.tcp_tw_reuse),
             time_wait_to_destination: f.context.and_then(|c| c.time_wait_to_destination),
             time_wait_in_netns: f.context.and_then(|c| c.time_wait_in_netns),
+            workload: WorkloadJson::new(workload),
         }
     }
 }
 
 impl<W: Write> EventSink for JsonLines<W> {
     fn write_event(&mut self, event: &Event, clock: &Clock) -> std::io::Result<()> {
+        let owner = match event {
+            Event::State(s) => s.owner,
+            Event::Failure(f) => f.owner,
+        };
+        let workload = match (&mut self.resolver, owner) {
+            (Some(r), Some(o)) => r.resolve(o.cgroup),
+            _ => None,
+        };
+        let workload = workload.as_deref();
         match event {
-            Event::State(s) => serde_json::to_writer(&mut self.out, &StateJson::new(s, clock))?,
-            Event::Failure(f) => serde_json::to_writer(&mut self.out, &FailureJson::new(f, clock))?,
+            Event::State(s) => {
+                serde_json::to_writer(&mut self.out, &StateJson::new(s, clock, workload))?
+            }
+            Event::Failure(f) => {
+                serde_json::to_writer(&mut self.out, &FailureJson::new(f, clock, workload))?
+            }
         }
         self.out.write_all(b"\n")
     }

@@ -91,6 +91,8 @@ struct Destination {
     failures: u64,
     eaddrnotavail: u64,
     processes: HashMap<u32, (String, u64)>,
+    /// An event (not only a snapshot) mentioned it.
+    observed: bool,
 }
 
 /// What the model knows of one socket it saw open a connection.
@@ -138,6 +140,9 @@ pub struct Aggregator {
     open: HashMap<u64, OpenSocket>,
     contexts: BTreeMap<u32, NetnsContext>,
     now_ns: u64,
+    /// Show only destinations that events mentioned: with a process filter
+    /// (`--container`…), snapshots list every process's sockets.
+    only_observed: bool,
 }
 
 fn key(netns: u32, saddr: IpAddr, daddr: IpAddr, dport: u16) -> DestinationKey {
@@ -147,6 +152,12 @@ fn key(netns: u32, saddr: IpAddr, daddr: IpAddr, dport: u16) -> DestinationKey {
 impl Aggregator {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Views will show only destinations that events mentioned (see `only_observed`).
+    pub fn only_observed(mut self, yes: bool) -> Self {
+        self.only_observed = yes;
+        self
     }
 
     /// The latest time seen (CLOCK_MONOTONIC ns): events and ticks move it forward.
@@ -182,6 +193,7 @@ impl Aggregator {
             }
             let k = key(s.netns, s.saddr, s.daddr, s.dport);
             let d = self.destinations.entry(k).or_default();
+            d.observed = true;
             if known.is_some() {
                 d.live = d.live.saturating_sub(1);
             }
@@ -196,6 +208,7 @@ impl Aggregator {
                 let k = key(s.netns, s.saddr, s.daddr, s.dport);
                 self.open.insert(s.skaddr, OpenSocket { key: k });
                 let d = self.destinations.entry(k).or_default();
+                d.observed = true;
                 d.live += 1;
                 d.connects.add(s.ts_ns);
                 if let Some(owner) = s.owner {
@@ -269,6 +282,7 @@ impl Aggregator {
             key(f.netns, f.saddr, f.daddr, f.dport)
         };
         let d = self.destinations.entry(k).or_default();
+        d.observed = true;
         d.failures += 1;
         if f.errno == EADDRNOTAVAIL {
             d.eaddrnotavail += 1;
@@ -364,7 +378,12 @@ impl Aggregator {
     pub fn views(&mut self) -> Vec<DestinationView> {
         let now = self.now_ns;
         let contexts = &self.contexts;
-        self.destinations.iter_mut().map(|(k, d)| view(k, d, contexts.get(&k.netns), now)).collect()
+        let only_observed = self.only_observed;
+        self.destinations
+            .iter_mut()
+            .filter(|(_, d)| d.observed || !only_observed)
+            .map(|(k, d)| view(k, d, contexts.get(&k.netns), now))
+            .collect()
     }
 }
 
@@ -628,6 +647,23 @@ mod tests {
         }
         small.tick(30 * SEC);
         assert!(matches!(only(&mut small).forecast, Forecast::Steady { .. }));
+    }
+
+    #[test]
+    fn only_observed_hides_destinations_known_from_snapshots_only() {
+        let mut agg = with_range(0).only_observed(true);
+        let tw = SnapshotSocket {
+            saddr: CLIENT,
+            sport: 40001,
+            daddr: SERVER,
+            dport: 80,
+            state: TCP_TIME_WAIT,
+            expires_ms: Some(30_000),
+        };
+        agg.reconcile(NS, &[tw], SEC);
+        assert!(agg.views().is_empty());
+        connection(&mut agg, 1, 2 * SEC, 40002);
+        assert_eq!(only(&mut agg).key.dport, 5432);
     }
 
     #[test]

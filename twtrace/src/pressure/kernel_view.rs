@@ -133,9 +133,13 @@ pub fn read_netns(inode: u32, path: &Path) -> anyhow::Result<NetnsView> {
 
 /// Runs on the helper thread: enters `netns`, then reads everything from inside it.
 fn read_inside(inode: u32, netns: &fs::File) -> anyhow::Result<NetnsView> {
+    // Already there (twtrace's own namespace): no setns, so no CAP_SYS_ADMIN needed.
+    let here = fs::metadata("/proc/thread-self/ns/net").map(|m| m.ino()).ok();
     // SAFETY: `netns` is an open file for the duration of the call; setns changes only the
     // network namespace of this helper thread, which ends after this function.
-    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+    if here != Some(u64::from(inode))
+        && unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0
+    {
         return Err(std::io::Error::last_os_error()).context(
             "setns(CLONE_NEWNET) failed: entering a network namespace needs CAP_SYS_ADMIN \
              (run twtrace as root), and the file must be a network namespace",

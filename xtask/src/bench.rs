@@ -325,16 +325,18 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / hz)
 }
 
-/// Ids of the BPF programs a process holds open.
+/// Ids of the BPF programs a process holds open, each once: a program's own descriptor
+/// and the perf event or link attaching it both name it, and counting it twice doubled
+/// the BPF time per connection in earlier results.
 fn bpf_prog_ids(pid: u32) -> Option<Vec<String>> {
-    let mut ids = Vec::new();
+    let mut ids = std::collections::BTreeSet::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).ok()? {
         let info = std::fs::read_to_string(entry.ok()?.path()).unwrap_or_default();
         if let Some(id) = info.lines().find_map(|l| l.strip_prefix("prog_id:")) {
-            ids.push(id.trim().to_owned());
+            ids.insert(id.trim().to_owned());
         }
     }
-    Some(ids)
+    Some(ids.into_iter().collect())
 }
 
 /// Run statistics of the BPF programs a process holds: (busiest program's ns/run,

@@ -155,8 +155,8 @@ fn port_exhaustion(ip: IpAddr, hooks: &str) {
     assert_eq!(
         time_waits.len() as i64,
         connected,
-        "each successful connection entered TIME_WAIT ({summary}); time_wait ports: {ports:?}; ss:\n{}",
-        ns.exec(&["ss", "-Htan"])
+        "each successful connection entered TIME_WAIT ({summary}); time_wait ports: {ports:?}; kernel:\n{}",
+        ns.kernel_sockets().join("\n")
     );
     for e in errors {
         assert_eq!(e["errno"], libc::EADDRNOTAVAIL, "{e}");

@@ -167,7 +167,7 @@ fn scraped_by_prometheus() {
     wait_ok(&mut server, "server");
     assert!(summary.starts_with("connected 10 failed 5 errno 99"), "{summary}");
     ns.wait_for_time_wait(10);
-    let in_kernel = ns.exec(&["ss", "-Htan", "state", "time-wait"]).lines().count();
+    let in_kernel = ns.time_wait_count();
 
     let time_wait = format!("twtrace_time_wait_sockets{{dport=\"{port}\"}}");
     let failures = format!(

@@ -105,8 +105,8 @@ fn time_wait_scenario(ip: IpAddr, closer: Closer) {
     }
 
     // Ground truth from the kernel itself: as many TIME_WAIT sockets as events.
-    let ss = ns.exec(&["ss", "-Htan", "state", "time-wait"]);
-    assert_eq!(ss.lines().count(), CONNECTIONS, "ss says:\n{ss}");
+    let tw = ns.time_wait_count();
+    assert_eq!(tw, CONNECTIONS, "the kernel lists:\n{}", ns.kernel_sockets().join("\n"));
 
     // Every connection was opened by the client in its own context...
     let connects = events

@@ -338,9 +338,16 @@ impl SockDiag {
                     NetlinkPayload::Error(error) if error.code.is_none() => {}
                     NetlinkPayload::Error(error) => {
                         let error = error.to_io();
-                        if family == AF_INET6 && error.raw_os_error() == Some(libc::ENOENT) {
-                            // No IPv6 sock_diag handler: this kernel has no IPv6 sockets.
-                            log::debug!("no IPv6 sock_diag in this kernel: {error}");
+                        if error.raw_os_error() == Some(libc::ENOENT) {
+                            // No sock_diag handler for this family (IPv6 compiled out, or
+                            // tcp_diag not loaded): nothing to list; the views start from
+                            // the events alone.
+                            if family == AF_INET {
+                                log::warn!(
+                                    "the kernel cannot list TCP sockets (sock_diag: {error}; \
+                                     load the tcp_diag module): TIME_WAIT counts start from zero"
+                                );
+                            }
                             return Ok(sockets);
                         }
                         return Err(error).with_context(|| {

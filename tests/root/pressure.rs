@@ -2,7 +2,6 @@
 //! (`ss`) and TcpExt counters of the test's namespace.
 
 use std::{
-    io::{BufRead as _, BufReader},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -13,7 +12,7 @@ use serde_json::Value;
 
 use crate::{
     scenario::{self, CLIENT_COMM, Closer},
-    support::{Netns, TWTRACE, wait_ok},
+    support::{Netns, TWTRACE, wait_for_ready, wait_ok},
     trial,
 };
 
@@ -78,21 +77,7 @@ impl Top {
             .stderr(Stdio::piped())
             .spawn()
             .expect("failed to start twtrace top");
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut seen = String::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let mut line = String::new();
-            let n = stderr.read_line(&mut line).unwrap_or(0);
-            seen.push_str(&line);
-            if line.starts_with("twtrace: watching port pressure") {
-                break;
-            }
-            if n == 0 || Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("twtrace top did not start: {seen}");
-            }
-        }
+        let (mut stderr, _) = wait_for_ready(&mut child, "twtrace: watching port pressure");
         // Keep stderr drained.
         std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
         Self { child }

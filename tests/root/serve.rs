@@ -2,7 +2,7 @@
 //! scenario exhausts a destination's ports, and its API must show the kernel's truth.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::{
     scenario::{self, Closer},
-    support::{Netns, TWTRACE, wait_ok, wait_output},
+    support::{Netns, TWTRACE, wait_for_ready, wait_ok, wait_output},
 };
 
 pub fn trials() -> Vec<Trial> {
@@ -57,21 +57,7 @@ fn start_serve(metrics_port: u16, args: &[&str]) -> (Daemon, std::thread::JoinHa
         .stderr(Stdio::piped())
         .spawn()
         .expect("failed to start twtrace serve");
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut line = String::new();
-        let n = stderr.read_line(&mut line).unwrap_or(0);
-        seen.push_str(&line);
-        if line.starts_with("twtrace: serving metrics") {
-            break;
-        }
-        if n == 0 || Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("twtrace serve did not start: {seen}");
-        }
-    }
+    let (mut stderr, seen) = wait_for_ready(&mut child, "twtrace: serving metrics");
     let rest = std::thread::spawn(move || {
         let mut rest = String::new();
         let _ = stderr.read_to_string(&mut rest);

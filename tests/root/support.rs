@@ -126,6 +126,29 @@ pub fn run(program: &str, args: &[&str]) -> String {
 
 /// A running `twtrace trace`, started and ready (its programs attached). Its output is
 /// collected by reader threads so a full pipe can never stall it.
+/// Waits (bounded: twtrace exits on any error) for the stderr line of `child` that starts
+/// with `ready`; returns the rest of stderr and what came before, included.
+pub fn wait_for_ready(
+    child: &mut Child,
+    ready: &str,
+) -> (BufReader<std::process::ChildStderr>, String) {
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr piped"));
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut line = String::new();
+        let n = stderr.read_line(&mut line).unwrap_or(0);
+        seen.push_str(&line);
+        if line.starts_with(ready) {
+            return (stderr, seen);
+        }
+        if n == 0 || Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("twtrace did not start (waited for {ready:?}): {seen}");
+        }
+    }
+}
+
 pub struct Tracer {
     child: Child,
     stdout: Option<std::thread::JoinHandle<Vec<u8>>>,
@@ -156,22 +179,7 @@ impl Tracer {
             .spawn()
             .expect("failed to start twtrace");
         let stdout = collect(child.stdout.take().unwrap());
-        // Wait for the readiness line on stderr (bounded: twtrace exits on any error).
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut seen = String::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let mut line = String::new();
-            let n = stderr.read_line(&mut line).unwrap_or(0);
-            seen.push_str(&line);
-            if line.starts_with("twtrace: tracing") {
-                break;
-            }
-            if n == 0 || Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("twtrace did not start: {seen}");
-            }
-        }
+        let (stderr, seen) = wait_for_ready(&mut child, "twtrace: tracing");
         Self { child, stdout: Some(stdout), stderr: Some(collect(stderr)), stderr_start: seen }
     }
 

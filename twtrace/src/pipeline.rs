@@ -58,6 +58,17 @@ impl Pipeline {
         }
     }
 
+    /// Handles every record waiting in the kernel's ring buffer, then flushes the output.
+    pub fn drain(
+        &mut self,
+        ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    ) -> anyhow::Result<()> {
+        while let Some(record) = ring.next() {
+            self.record(&record)?;
+        }
+        self.flush()
+    }
+
     /// Handles one kernel record.
     pub fn record(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         self.tally.seen += 1;

@@ -113,12 +113,12 @@ pub async fn serve(args: ServeArgs, verbose: u8) -> anyhow::Result<()> {
         tokio::select! {
             guard = events.readable_mut() => {
                 let mut guard = guard.context("failed to wait for events")?;
-                drain(guard.get_inner_mut(), &mut pipeline)?;
+                pipeline.drain(guard.get_inner_mut())?;
                 guard.clear_ready();
             }
-            _ = drain_tick.tick() => drain(events.get_mut(), &mut pipeline)?,
+            _ = drain_tick.tick() => pipeline.drain(events.get_mut())?,
             _ = every_second.tick() => {
-                drain(events.get_mut(), &mut pipeline)?;
+                pipeline.drain(events.get_mut())?;
                 if let Ok(counters) = tracer.counters() {
                     pipeline.losses(Clock::monotonic_now_ns(), &counters)?;
                 }
@@ -127,7 +127,7 @@ pub async fn serve(args: ServeArgs, verbose: u8) -> anyhow::Result<()> {
             }
             _ = snapshot_tick.tick() => {
                 // Events already waiting go first: the snapshot includes their effect.
-                drain(events.get_mut(), &mut pipeline)?;
+                pipeline.drain(events.get_mut())?;
                 snapshot(&shared, &mut pipeline)?;
             }
             _ = sighup.recv() => match current_filter(&args.filter, args.filters.as_deref()) {
@@ -142,7 +142,7 @@ pub async fn serve(args: ServeArgs, verbose: u8) -> anyhow::Result<()> {
         }
     }
     http.abort();
-    drain(events.get_mut(), &mut pipeline)?;
+    pipeline.drain(events.get_mut())?;
     pipeline.finish()?;
     eprintln!("{}", pipeline.summary());
     Ok(())
@@ -201,14 +201,4 @@ fn publish(shared: &Mutex<Shared>, view: &Mutex<MetricsState>, tracer: &Tracer, 
     if let Ok(mut v) = view.lock() {
         v.clone_from(&s.metrics);
     }
-}
-
-fn drain(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
-    pipeline: &mut Pipeline,
-) -> anyhow::Result<()> {
-    while let Some(record) = ring.next() {
-        pipeline.record(&record)?;
-    }
-    pipeline.flush()
 }

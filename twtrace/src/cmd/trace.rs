@@ -117,10 +117,10 @@ async fn run(
         tokio::select! {
             guard = events.readable_mut() => {
                 let mut guard = guard.context("failed to wait for events")?;
-                drain(guard.get_inner_mut(), &mut pipeline)?;
+                pipeline.drain(guard.get_inner_mut())?;
                 guard.clear_ready();
             }
-            _ = drain_tick.tick() => drain(events.get_mut(), &mut pipeline)?,
+            _ = drain_tick.tick() => pipeline.drain(events.get_mut())?,
             guard = kernel_log.readable_mut() => {
                 let mut guard = guard.context("failed to wait for the kernel log")?;
                 guard.get_inner_mut().flush();
@@ -139,7 +139,7 @@ async fn run(
         }
     }
     // Events already in the ring buffer when the signal came are still delivered.
-    drain(events.get_mut(), &mut pipeline)?;
+    pipeline.drain(events.get_mut())?;
     kernel_log.get_mut().flush();
     report_losses(&tracer, &mut pipeline)?;
     pipeline.finish()?;
@@ -158,24 +158,13 @@ fn record_snapshots(
     if pipeline.recorder.is_none() {
         return Ok(());
     }
-    drain(ring, pipeline)?;
+    pipeline.drain(ring)?;
     for snapshot in crate::pressure::snapshots(netns) {
         if let Some(recorder) = &mut pipeline.recorder {
             recorder.netns(&snapshot)?;
         }
     }
     Ok(())
-}
-
-/// Decodes, filters and writes every record waiting in the ring buffer.
-fn drain(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
-    pipeline: &mut Pipeline,
-) -> anyhow::Result<()> {
-    while let Some(record) = ring.next() {
-        pipeline.record(&record)?;
-    }
-    pipeline.flush()
 }
 
 fn report_losses(tracer: &Tracer, pipeline: &mut Pipeline) -> anyhow::Result<()> {

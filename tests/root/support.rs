@@ -24,6 +24,10 @@ impl Netns {
         run("ip", &["netns", "add", &name]);
         let ns = Self { name };
         ns.exec(&["ip", "link", "set", "lo", "up"]);
+        // RFC 1337: a TIME_WAIT socket ignores resets. On a slow emulated machine a FIN
+        // is sometimes retransmitted; the peer, already closed, answers the second ACK
+        // with a reset, which would kill the TIME_WAIT socket a test is about to count.
+        ns.exec(&["sysctl", "-q", "-w", "net.ipv4.tcp_rfc1337=1"]);
         ns
     }
 
@@ -42,7 +46,8 @@ impl Netns {
             }
             if Instant::now() >= deadline {
                 let tcp = self.kernel_sockets().join("\n");
-                panic!("only {count} of {n} sockets reached TIME_WAIT in 20 s:\n{tcp}");
+                let counters = self.tcp_counters();
+                panic!("only {count} of {n} sockets reached TIME_WAIT in 20 s ({counters}):\n{tcp}");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -59,27 +64,53 @@ impl Netns {
     /// sock_diag, whose dump skipped a socket now and then on Debian's 6.12 when many
     /// other namespaces' TIME_WAIT sockets shared the hash table.
     pub fn kernel_sockets(&self) -> Vec<String> {
+        self.read_proc_net(&["tcp", "tcp6"])
+            .iter()
+            .flat_map(|text| text.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+            .collect()
+    }
+
+    /// The namespace's TCP counters that explain a TIME_WAIT socket gone early: resets
+    /// sent and received, retransmissions, overflows (from /proc/net/snmp and netstat).
+    pub fn tcp_counters(&self) -> String {
+        const NAMES: [&str; 6] =
+            ["OutRsts", "RetransSegs", "EstabResets", "TW", "TWRecycled", "TCPTimeWaitOverflow"];
+        let mut found = Vec::new();
+        for text in self.read_proc_net(&["snmp", "netstat"]) {
+            // Each protocol has a header line of names followed by a line of values.
+            let lines: Vec<&str> = text.lines().collect();
+            for pair in lines.chunks(2) {
+                let [names, values] = pair else { continue };
+                for (name, value) in names.split_whitespace().zip(values.split_whitespace()) {
+                    if NAMES.contains(&name) {
+                        found.push(format!("{name}={value}"));
+                    }
+                }
+            }
+        }
+        found.join(" ")
+    }
+
+    /// Reads /proc/net files as the namespace sees them, from a thread that joined it.
+    fn read_proc_net(&self, files: &[&str]) -> Vec<String> {
         let path = self.path();
+        let files: Vec<String> = files.iter().map(|f| f.to_string()).collect();
         std::thread::spawn(move || {
             let ns = std::fs::File::open(&path).expect("netns file");
             // SAFETY: changes the network namespace of this short-lived thread only.
             let rc =
                 unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
             assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            ["tcp", "tcp6"]
+            files
                 .iter()
-                .flat_map(|f| {
+                .map(|f| {
                     std::fs::read_to_string(format!("/proc/thread-self/net/{f}"))
                         .unwrap_or_default()
-                        .lines()
-                        .skip(1)
-                        .map(str::to_owned)
-                        .collect::<Vec<_>>()
                 })
                 .collect()
         })
         .join()
-        .expect("reading the namespace's sockets")
+        .expect("reading the namespace's /proc/net")
     }
 
     /// Path to pass to setns(2).

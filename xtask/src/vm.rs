@@ -50,11 +50,9 @@ const DEBIAN_KERNELS: [Debian; 2] = [
 ];
 
 /// Modules the tests need that Debian builds as modules, not into the kernel:
-/// `connect::host_unreachable_async` creates a veth pair. Not `inet_diag`/`tcp_diag`: with
-/// them loaded, TIME_WAIT sockets vanished early in these guests (trace tests then saw 4
-/// of 5; 2 of 3 runs failed with them, 0 of 3 without). The tests that need sock_diag
-/// snapshots are skipped here (`TWTRACE_TEST_NO_SOCK_DIAG`).
-const MODULES: &[&str] = &["veth"];
+/// `connect::host_unreachable_async` creates a veth pair; `top` and `record` list sockets
+/// with sock_diag (a real system loads these on demand; the guest has no modprobe).
+const MODULES: &[&str] = &["veth", "inet_diag", "tcp_diag"];
 
 /// The line `/init` prints after the suite, followed by its exit code.
 const MARKER: &str = "TWTRACE-VM-RESULT";
@@ -529,7 +527,6 @@ fn init_script(build: &Build, modules: &[PathBuf], args: &[String]) -> String {
         let _ = writeln!(s, "mount -t {fs} {fs} {dir}");
     }
     s.push_str("ip link set lo up\n");
-    s.push_str("export TWTRACE_TEST_NO_SOCK_DIAG=1\n");
     for m in modules {
         let path = Path::new("/").join(m);
         let _ = writeln!(

@@ -157,6 +157,10 @@ pub fn run_role_if_requested() -> Option<ExitCode> {
             set_comm(CLIENT_COMM);
             unreachable(addr);
         }
+        "reset" => {
+            set_comm(CLIENT_COMM);
+            reset_in_fin_wait2(addr);
+        }
         other => panic!("unknown role {other}"),
     }
     Some(ExitCode::SUCCESS)
@@ -228,6 +232,66 @@ fn client(addr: SocketAddr, count: usize, closer: Closer, tolerate: bool) {
     if tolerate {
         println!("connected {connected} failed {failed} errno {errno}");
     }
+}
+
+/// One connection, both ends in this process: the client half-closes (FIN_WAIT2, still
+/// open), the server answers with a reset (SO_LINGER 0), so the client's socket goes from
+/// FIN_WAIT2 to CLOSE without entering TIME_WAIT. Prints the client's local port.
+fn reset_in_fin_wait2(addr: SocketAddr) {
+    let listener = TcpListener::bind(addr).expect("reset: bind");
+    let client = TcpStream::connect(listener.local_addr().unwrap()).expect("reset: connect");
+    let (mut server, _) = listener.accept().expect("reset: accept");
+    server.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    client.shutdown(std::net::Shutdown::Write).expect("reset: shutdown");
+    // The FIN arrived once the server reads end of stream; the client is in FIN_WAIT2.
+    let mut buf = [0u8; 16];
+    while server.read(&mut buf).expect("reset: server read") > 0 {}
+    // The server's ACK of that FIN may be delayed: wait (bounded) for the client to get it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while tcp_state(&client) != TCP_FIN_WAIT2 {
+        assert!(std::time::Instant::now() < deadline, "reset: the client never reached FIN_WAIT2");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a valid socket and option buffer of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&server),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "reset: SO_LINGER: {}", std::io::Error::last_os_error());
+    drop(server);
+    let mut client = client;
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let err = client.read(&mut buf).expect_err("the client should see the reset");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    println!("port {}", client.local_addr().unwrap().port());
+}
+
+/// `TCP_FIN_WAIT2` of include/net/tcp_states.h.
+const TCP_FIN_WAIT2: u8 = 5;
+
+/// The socket's TCP state (`tcpi_state`).
+fn tcp_state(stream: &TcpStream) -> u8 {
+    // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid socket and buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::from_mut(&mut info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_state
 }
 
 /// Connects to a port nobody listens on, blocking then non-blocking; prints both errnos.

@@ -47,7 +47,9 @@ impl Netns {
             if Instant::now() >= deadline {
                 let tcp = self.kernel_sockets().join("\n");
                 let counters = self.tcp_counters();
-                panic!("only {count} of {n} sockets reached TIME_WAIT in 20 s ({counters}):\n{tcp}");
+                panic!(
+                    "only {count} of {n} sockets reached TIME_WAIT in 20 s ({counters}):\n{tcp}"
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -8,23 +8,35 @@ use serde_json::Value;
 
 use crate::{
     scenario::{self, CLIENT_COMM, Closer, SERVER_COMM},
-    support::{Netns, Tracer, json_lines, wait_ok},
+    support::{Netns, Tracer, json_lines, wait_ok, wait_output},
     trial,
 };
 
 pub fn trials() -> Vec<Trial> {
     vec![
         trial("trace::client_closes_first_ipv4_time_wait_owned_by_client", || {
-            time_wait_scenario(IpAddr::V4(Ipv4Addr::LOCALHOST), Closer::Client)
+            time_wait_scenario(IpAddr::V4(Ipv4Addr::LOCALHOST), Closer::Client, Hooks::Classic)
         }),
         trial("trace::server_closes_first_ipv4_time_wait_owned_by_server", || {
-            time_wait_scenario(IpAddr::V4(Ipv4Addr::LOCALHOST), Closer::Server)
+            time_wait_scenario(IpAddr::V4(Ipv4Addr::LOCALHOST), Closer::Server, Hooks::Default)
         }),
         trial("trace::client_closes_first_ipv6_time_wait_owned_by_client", || {
-            time_wait_scenario(IpAddr::V6(Ipv6Addr::LOCALHOST), Closer::Client)
+            time_wait_scenario(IpAddr::V6(Ipv6Addr::LOCALHOST), Closer::Client, Hooks::Default)
         }),
         trial("trace::server_closes_first_ipv6_time_wait_owned_by_server", || {
-            time_wait_scenario(IpAddr::V6(Ipv6Addr::LOCALHOST), Closer::Server)
+            time_wait_scenario(IpAddr::V6(Ipv6Addr::LOCALHOST), Closer::Server, Hooks::Default)
+        }),
+        trial("trace::tp_btf_client_closes_first_ipv6", || {
+            time_wait_scenario(IpAddr::V6(Ipv6Addr::LOCALHOST), Closer::Client, Hooks::TpBtf)
+        }),
+        trial("trace::tp_btf_server_closes_first_ipv6", || {
+            time_wait_scenario(IpAddr::V6(Ipv6Addr::LOCALHOST), Closer::Server, Hooks::TpBtf)
+        }),
+        trial("trace::reset_in_fin_wait2_is_not_time_wait_tp_btf", || {
+            reset_is_not_time_wait(Hooks::TpBtf)
+        }),
+        trial("trace::reset_in_fin_wait2_is_not_time_wait_classic", || {
+            reset_is_not_time_wait(Hooks::Classic)
         }),
         trial("trace::state_filter_time_wait_shows_only_time_wait", state_filter_time_wait),
         trial("trace::human_output_names_the_owner", human_output_names_the_owner),
@@ -33,6 +45,37 @@ pub fn trials() -> Vec<Trial> {
 }
 
 const CONNECTIONS: usize = 5;
+
+/// Which form of the state hook a test asks for (`--state-hooks`; `Default`: none asked,
+/// which is the classic tracepoint).
+#[derive(Clone, Copy)]
+enum Hooks {
+    Default,
+    TpBtf,
+    Classic,
+}
+
+impl Hooks {
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Self::Default => &[],
+            Self::TpBtf => &["--state-hooks", "tp-btf"],
+            Self::Classic => &["--state-hooks", "tracepoint"],
+        }
+    }
+
+    /// Checks that the start-up line names the form asked for.
+    fn check_start_line(self, stderr: &str) {
+        let tp_btf = stderr.contains("tp_btf:sock:inet_sock_set_state");
+        match self {
+            Self::TpBtf => assert!(tp_btf, "tp_btf not attached: {stderr}"),
+            Self::Default | Self::Classic => assert!(
+                !tp_btf && stderr.contains("sock:inet_sock_set_state"),
+                "classic tracepoint not attached: {stderr}"
+            ),
+        }
+    }
+}
 
 /// Runs `count` connections between a server and a client process in `ns`, traced with
 /// `args`; returns the events and the two processes' pids.
@@ -59,13 +102,15 @@ fn run_scenario(
     assert!(out.status.success(), "twtrace failed: {}", String::from_utf8_lossy(&out.stderr));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(" 0 lost"), "events were lost: {stderr}");
+    let hooks = if args.contains(&"tp-btf") { Hooks::TpBtf } else { Hooks::Classic };
+    hooks.check_start_line(&stderr);
     (out.stdout, server_pid, client_pid, port)
 }
 
-fn time_wait_scenario(ip: IpAddr, closer: Closer) {
+fn time_wait_scenario(ip: IpAddr, closer: Closer, hooks: Hooks) {
     let ns = Netns::new();
-    let (stdout, server_pid, client_pid, port) =
-        run_scenario(&ns, ip, closer, CONNECTIONS, &["--json"]);
+    let args = [&["--json"], hooks.args()].concat();
+    let (stdout, server_pid, client_pid, port) = run_scenario(&ns, ip, closer, CONNECTIONS, &args);
     let events = json_lines(&stdout);
     let family = if ip.is_ipv4() { "ipv4" } else { "ipv6" };
 
@@ -124,6 +169,39 @@ fn time_wait_scenario(ip: IpAddr, closer: Closer) {
     for e in server_side {
         assert_eq!(e["pid"], server_pid, "server-side transition misattributed: {e}");
     }
+}
+
+/// A reset received in FIN_WAIT2 closes the socket without TIME_WAIT: the reset hook must
+/// keep that CLOSE from being reported as an entry into TIME_WAIT.
+fn reset_is_not_time_wait(hooks: Hooks) {
+    let ns = Netns::new();
+    let inode = ns.inode().to_string();
+    let tracer = Tracer::start(&[&["--json", "--netns", &inode], hooks.args()].concat());
+    let role = scenario::spawn_role(
+        "reset",
+        &ns.path(),
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0),
+        1,
+    );
+    let line = wait_output(role, "reset");
+    let port: u64 = line
+        .trim()
+        .strip_prefix("port ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected output {line:?}"));
+    // Ground truth: the kernel holds no TIME_WAIT socket afterwards.
+    assert_eq!(ns.time_wait_count(), 0, "{}", ns.kernel_sockets().join("\n"));
+    let out = tracer.stop();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    hooks.check_start_line(&stderr);
+    let events = json_lines(&out.stdout);
+    let client: Vec<&Value> = events.iter().filter(|e| e["sport"] == port).collect();
+    let closes: Vec<&Value> =
+        client.iter().copied().filter(|e| e["old_state"] == "FIN_WAIT2").collect();
+    assert_eq!(closes.len(), 1, "the client's transitions: {client:#?}");
+    assert_eq!(closes[0]["kind"], "state", "{}", closes[0]);
+    assert_eq!(closes[0]["new_state"], "CLOSE", "{}", closes[0]);
+    assert!(events.iter().all(|e| e["kind"] != "time_wait"), "{events:#?}");
 }
 
 fn state_filter_time_wait() {

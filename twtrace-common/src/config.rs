@@ -110,6 +110,11 @@ pub struct KernelLayout {
     /// the socket lock, which getsockopt(SO_ERROR) returns when `sk_err` is 0; 0 when
     /// unavailable.
     pub sock_err_soft: u32,
+    /// `offsetof(struct inet_sock, inet_sport)` (network order): the local port as the
+    /// classic state tracepoint reports it. The kernel releases the port (`skc_num` = 0)
+    /// before it moves a socket to CLOSE, so the `tp_btf` hook reads this one then; 0 when
+    /// unavailable (the hook is then not used).
+    pub inet_sport: u32,
 }
 
 #[cfg(feature = "user")]

@@ -3,8 +3,8 @@
 
 /// Ring buffer full: an event could not be reserved and was dropped.
 pub const RINGBUF_FULL: u32 = 0;
-/// Socket table full: a socket could not be tracked, so its owner and state durations are
-/// unknown for later transitions.
+/// Socket table full (classic hooks) or no memory for socket storage (tp_btf): a socket
+/// could not be tracked, so its owner and state durations are unknown for later transitions.
 pub const SOCKET_TABLE_FULL: u32 = 1;
 /// Listener table full: accepted connections on that port cannot inherit the listener's owner.
 pub const LISTENER_TABLE_FULL: u32 = 2;

@@ -1,9 +1,14 @@
 //! Maps and load-time globals shared by the hooks: the event ring buffer, the socket
 //! table (owner and last transition per socket), the listener table and the counters.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     Global,
-    macros::map,
+    bindings::BPF_SK_STORAGE_GET_F_CREATE,
+    btf_maps::SkStorage,
+    helpers::bpf_sk_storage_get,
+    macros::{btf_map, map},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use twtrace_common::{
@@ -105,6 +110,7 @@ pub static KERNEL_LAYOUT: Global<KernelLayout> = Global::new(KernelLayout {
     sock_addrs: 0,
     sock_err: 0,
     sock_err_soft: 0,
+    inet_sport: 0,
 });
 
 /// Arguments of a port search in progress (kprobe entry to kretprobe), keyed by
@@ -188,6 +194,78 @@ pub struct SocketEntry {
     pub _pad: [u8; 2],
     /// The socket's network namespace inode, read once per socket life.
     pub netns: u32,
+}
+
+/// The socket table in the socket itself: with the `tp_btf` hooks (Linux 5.11+) each
+/// socket carries its [`SocketEntry`] as socket-local storage, found through the socket
+/// without hashing, and freed by the kernel with the socket. Replaces [`SOCKETS`] there.
+#[btf_map]
+pub static SOCKET_STORAGE: SkStorage<SocketEntry> = SkStorage::new();
+
+/// Where the state hook keeps one socket's [`SocketEntry`]: [`SOCKETS`] keyed by address
+/// (classic tracepoints) or [`SOCKET_STORAGE`] (`tp_btf`).
+pub trait SocketTable {
+    /// The socket's entry, if it has one.
+    fn get(&self) -> Option<*mut SocketEntry>;
+    /// Gives the socket its first entry; `false` when the table is full.
+    fn insert(&self, entry: &SocketEntry) -> bool;
+    /// The socket reached CLOSE: its entry is of no more use.
+    fn remove(&self);
+}
+
+/// A socket's entry in [`SOCKETS`], by `struct sock *` address.
+pub struct SocketByAddress(pub u64);
+
+impl SocketTable for SocketByAddress {
+    #[inline(always)]
+    fn get(&self) -> Option<*mut SocketEntry> {
+        SOCKETS.get_ptr_mut(&self.0)
+    }
+
+    #[inline(always)]
+    fn insert(&self, entry: &SocketEntry) -> bool {
+        SOCKETS.insert(&self.0, entry, 0).is_ok()
+    }
+
+    #[inline(always)]
+    fn remove(&self) {
+        let _ = SOCKETS.remove(&self.0);
+    }
+}
+
+/// A socket's entry in [`SOCKET_STORAGE`]. Holds the `struct sock *` a `tp_btf` program
+/// received as its argument: the helpers accept only that typed pointer, not an address.
+pub struct SocketStorage(pub *mut c_void);
+
+impl SocketStorage {
+    #[inline(always)]
+    fn storage(&self, init: *mut SocketEntry, flags: u64) -> Option<*mut SocketEntry> {
+        // aya-ebpf's SkStorage accessors take a sock_addr context only; the map is the
+        // static's address, as for every BTF map.
+        let map = core::ptr::from_ref(&SOCKET_STORAGE).cast_mut().cast::<c_void>();
+        // SAFETY: `self.0` is the socket the tracepoint passed; the helper checks the rest.
+        let entry = unsafe { bpf_sk_storage_get(map, self.0, init.cast(), flags) };
+        (!entry.is_null()).then_some(entry.cast())
+    }
+}
+
+impl SocketTable for SocketStorage {
+    #[inline(always)]
+    fn get(&self) -> Option<*mut SocketEntry> {
+        self.storage(core::ptr::null_mut(), 0)
+    }
+
+    #[inline(always)]
+    fn insert(&self, entry: &SocketEntry) -> bool {
+        let init = core::ptr::from_ref(entry).cast_mut();
+        self.storage(init, u64::from(BPF_SK_STORAGE_GET_F_CREATE)).is_some()
+    }
+
+    #[inline(always)]
+    fn remove(&self) {
+        // Kept until the kernel frees the socket: a socket that leaves CLOSE again starts
+        // a new life and overwrites it, which is cheaper than a delete per connection.
+    }
 }
 
 pub const fn listener_key(netns: u32, port: u16) -> u64 {

@@ -2,18 +2,26 @@
 //! socket's true owner and the time spent in the previous state.
 //!
 //! Ownership: the kernel makes many transitions in softirq context, where the current task
-//! is whoever was on the CPU. The owner is therefore recorded in [`SOCKETS`] at the
+//! is whoever was on the CPU. The owner is therefore recorded in the socket table at the
 //! transitions that run in the owner's own context (`runs_in_owner_context`), inherited
 //! from the listener for accepted connections, and looked up for all other transitions.
+//!
+//! Two forms of the hook share that logic; the loader attaches one. `tp_btf` (Linux 5.11+
+//! for socket storage from tracing programs) receives the `struct sock *` itself and keeps
+//! the table in the socket ([`SocketStorage`]); the classic tracepoint reads the kernel's
+//! formatted record and keeps the table in a hash map ([`SocketByAddress`]).
+
+use core::ffi::c_void;
 
 use aya_ebpf::{
-    EbpfContext as _,
+    EbpfContext,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel_buf,
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_buf,
     },
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use twtrace_common::{
@@ -27,9 +35,9 @@ use crate::{
     connect::resolve_async_failure,
     kernel::{port_settings, socket_error, socket_netns},
     maps::{
-        CALL_CONNECT, EVENTS, LISTENERS, PAIRING_WINDOW_NS, PENDING_CALLS, RECORD,
-        SOCK_STATE_LAYOUT, SOCKETS, SocketEntry, TAKEN_ERRORS, UNREPORTED_FAILURES, count,
-        listener_key, wakeup_flags,
+        CALL_CONNECT, EVENTS, KERNEL_LAYOUT, LISTENERS, PAIRING_WINDOW_NS, PENDING_CALLS, RECORD,
+        SOCK_STATE_LAYOUT, SocketByAddress, SocketEntry, SocketStorage, SocketTable, TAKEN_ERRORS,
+        UNREPORTED_FAILURES, count, listener_key, wakeup_flags,
     },
 };
 
@@ -41,7 +49,17 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// The fields of one tracepoint record that we use.
+/// `tp_btf` form: the tracepoint's arguments are the socket and the two states; the rest
+/// is read from the socket at the offsets userspace found in BTF.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
+    if try_inet_sock_set_state_btf(&ctx).is_err() {
+        count(counters::READ_FAILED);
+    }
+    0
+}
+
+/// One transition, whichever form of the hook saw it.
 struct Transition {
     skaddr: u64,
     old: u8,
@@ -49,6 +67,63 @@ struct Transition {
     family: u16,
     sport: u16,
     dport: u16,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+fn try_inet_sock_set_state_btf(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    let sk: *mut c_void = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    let l = KERNEL_LAYOUT.load();
+    // SAFETY: fault-tolerant read; the offset comes from this kernel's BTF.
+    let protocol: u16 =
+        unsafe { bpf_probe_read_kernel(sk.byte_add(l.sock_protocol as usize).cast())? };
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    // The addresses and ports all lie in `struct sock_common`, at the start of the socket:
+    // one read of its first RECORD_BYTES (userspace checked that they fit).
+    let buf = RECORD.get_ptr_mut(0).ok_or(0)?;
+    // SAFETY: copies the start of the socket into this CPU's buffer, which nothing else
+    // uses while this program runs.
+    let common: &[u8; RECORD_BYTES] = unsafe {
+        bpf_probe_read_kernel_buf(sk.cast::<u8>(), &mut *buf)?;
+        &*buf
+    };
+    let family = u16::from_ne_bytes(field(common, l.skc_family as u16));
+    let mut t = Transition {
+        skaddr: sk as u64,
+        old: old as u8,
+        new: new as u8,
+        family,
+        // Ports in host order, as the classic tracepoint reports them.
+        sport: u16::from_ne_bytes(field(common, l.skc_num as u16)),
+        dport: u16::from_be_bytes(field(common, l.skc_dport as u16)),
+        saddr: [0; 16],
+        daddr: [0; 16],
+    };
+    if t.sport == 0 {
+        // The port is released before the move to CLOSE (and not chosen yet when a
+        // connect moves to SYN_SENT): the socket's own copy, which the tracepoint reports,
+        // is still there.
+        // SAFETY: fault-tolerant read; the offset comes from this kernel's BTF.
+        let sport: u16 =
+            unsafe { bpf_probe_read_kernel(sk.byte_add(l.inet_sport as usize).cast())? };
+        t.sport = u16::from_be(sport);
+    }
+    if family == AF_INET {
+        t.saddr[..4].copy_from_slice(&field::<4>(common, l.skc_rcv_saddr as u16));
+        t.daddr[..4].copy_from_slice(&field::<4>(common, l.skc_daddr as u16));
+    } else if family == AF_INET6 {
+        t.saddr = field(common, l.skc_v6_rcv_saddr as u16);
+        t.daddr = field(common, l.skc_v6_daddr as u16);
+    } else {
+        warn!(ctx, "inet_sock_set_state: unexpected address family {}", family);
+        return Ok(());
+    }
+    handle_transition(ctx, &t, &SocketStorage(sk));
+    Ok(())
 }
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
@@ -71,32 +146,38 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let t = Transition {
+    let mut t = Transition {
         skaddr: u64::from_ne_bytes(field(rec, layout.skaddr)),
         old: i32::from_ne_bytes(field(rec, layout.oldstate)) as u8,
         new: i32::from_ne_bytes(field(rec, layout.newstate)) as u8,
         family: u16::from_ne_bytes(field(rec, layout.family)),
         sport: u16::from_ne_bytes(field(rec, layout.sport)),
         dport: u16::from_ne_bytes(field(rec, layout.dport)),
+        saddr: [0; 16],
+        daddr: [0; 16],
     };
-    if t.family != AF_INET && t.family != AF_INET6 {
+    if t.family == AF_INET {
+        t.saddr[..4].copy_from_slice(&field::<4>(rec, layout.saddr));
+        t.daddr[..4].copy_from_slice(&field::<4>(rec, layout.daddr));
+    } else if t.family == AF_INET6 {
+        t.saddr = field(rec, layout.saddr_v6);
+        t.daddr = field(rec, layout.daddr_v6);
+    } else {
         warn!(ctx, "inet_sock_set_state: unexpected address family {}", t.family);
         return Ok(());
     }
-    let mut saddr = [0u8; 16];
-    let mut daddr = [0u8; 16];
-    if t.family == AF_INET {
-        saddr[..4].copy_from_slice(&field::<4>(rec, layout.saddr));
-        daddr[..4].copy_from_slice(&field::<4>(rec, layout.daddr));
-    } else {
-        saddr = field(rec, layout.saddr_v6);
-        daddr = field(rec, layout.daddr_v6);
-    }
+    handle_transition(ctx, &t, &SocketByAddress(t.skaddr));
+    Ok(())
+}
+
+/// What both forms do with a transition: owner, connect tracking, the event.
+#[inline(always)]
+fn handle_transition<C: EbpfContext>(ctx: &C, t: &Transition, table: &impl SocketTable) {
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let (task, attribution, prev_state_ns, reset_seen, netns) = track_socket(ctx, &t, now);
+    let (task, attribution, prev_state_ns, reset_seen, netns) = track_socket(ctx, t, table, now);
     if t.old == tcp::TCP_SYN_SENT || t.new == tcp::TCP_SYN_SENT {
-        track_connect(&t, &task, attribution, netns, &saddr, &daddr);
+        track_connect(t, &task, attribution, netns);
     }
 
     let kind = if tcp::close_enters_time_wait(t.old, t.new) && !reset_seen {
@@ -107,7 +188,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
 
     let Some(mut entry) = EVENTS.reserve::<SockStateEvent>(0) else {
         count(counters::RINGBUF_FULL);
-        return Ok(());
+        return;
     };
     entry.write(SockStateEvent {
         header: header(kind, SockStateEvent::VERSION, now),
@@ -122,11 +203,10 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         new_state: if kind == EventKind::TimeWait { tcp::TCP_TIME_WAIT } else { t.new },
         attribution: attribution as u8,
         _pad: [0; 3],
-        saddr,
-        daddr,
+        saddr: t.saddr,
+        daddr: t.daddr,
     });
     entry.submit(wakeup_flags());
-    Ok(())
 }
 
 #[inline(always)]
@@ -169,14 +249,7 @@ pub fn emit_failure(kind: EventKind, failure: &FailureEvent, now: u64) {
 /// the owner gave up (close() while connecting) or the port search failed, which the
 /// connect() call reports itself.
 #[inline(always)]
-fn track_connect(
-    t: &Transition,
-    owner: &Task,
-    attribution: Attribution,
-    netns: u32,
-    saddr: &[u8; 16],
-    daddr: &[u8; 16],
-) {
+fn track_connect(t: &Transition, owner: &Task, attribution: Attribution, netns: u32) {
     if t.old == tcp::TCP_CLOSE && t.new == tcp::TCP_SYN_SENT {
         if let Some(call) = PENDING_CALLS.get_ptr_mut(&bpf_get_current_pid_tgid()) {
             // SAFETY: map value pointer, valid while this program runs.
@@ -201,8 +274,8 @@ fn track_connect(
         dport: t.dport,
         source: FailureSource::Async as u8,
         attribution: attribution as u8,
-        saddr: *saddr,
-        daddr: *daddr,
+        saddr: t.saddr,
+        daddr: t.daddr,
         ..Default::default()
     };
     if failure.errno == 0 && attribution != Attribution::Current {
@@ -243,12 +316,13 @@ fn field<const N: usize>(rec: &[u8; RECORD_BYTES], offset: u16) -> [u8; N] {
 /// Updates the socket table for this transition and returns who owns the socket, how we
 /// know, how long it spent in the old state, and whether an RST was received.
 #[inline(always)]
-fn track_socket(
-    ctx: &TracePointContext,
+fn track_socket<C: EbpfContext>(
+    ctx: &C,
     t: &Transition,
+    table: &impl SocketTable,
     now: u64,
 ) -> (Task, Attribution, u64, bool, u32) {
-    let known = SOCKETS.get_ptr_mut(&t.skaddr);
+    let known = table.get();
     // A socket starts a new life by leaving CLOSE (connect, listen) or as a clone of its
     // listener: whatever the table holds for this address belongs to an earlier life
     // (its CLOSE was missed, e.g. while the table was full) and must not leak into it.
@@ -306,7 +380,7 @@ fn track_socket(
     if t.new == tcp::TCP_CLOSE {
         // A socket never leaves CLOSE except by connect()/listen(), which record it anew.
         if known.is_some() {
-            let _ = SOCKETS.remove(&t.skaddr);
+            table.remove();
         }
     } else {
         match known {
@@ -330,11 +404,11 @@ fn track_socket(
                     _pad: [0; 2],
                     netns,
                 };
-                if SOCKETS.insert(&t.skaddr, &entry, 0).is_err() {
+                if !table.insert(&entry) {
                     count(counters::SOCKET_TABLE_FULL);
                     warn!(
                         ctx,
-                        "socket table full: owner of new socket unknown (raise --max-sockets)"
+                        "socket table full (or socket storage out of memory): owner of new socket unknown"
                     );
                 }
             }

@@ -6,7 +6,11 @@ use clap::{Args, Parser, Subcommand};
 use twtrace_common::tcp;
 
 use crate::{
-    event::Family, filter::Filter, loader, loader::PortSearchHooks, session::writer::Rotation,
+    event::Family,
+    filter::Filter,
+    loader,
+    loader::{PortSearchHooks, StateHooks},
+    session::writer::Rotation,
 };
 
 /// Live-trace TCP state changes and TIME_WAIT, attributed to the real process.
@@ -434,7 +438,8 @@ pub struct KernelArgs {
     #[arg(long, value_name = "BYTES")]
     pub wakeup_bytes: Option<u32>,
 
-    /// How many live sockets the kernel-side owner table can track.
+    /// How many live sockets the kernel-side owner table can track (preallocated, ~100
+    /// bytes each; not used with --state-hooks tp-btf).
     #[arg(long, value_name = "N", default_value_t = 65536,
           value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub max_sockets: u32,
@@ -444,6 +449,12 @@ pub struct KernelArgs {
     /// syscall tracepoints still report the failures callers see).
     #[arg(long, value_name = "HOOKS", value_enum, default_value_t = PortSearchHooks::Auto)]
     pub port_search_hooks: PortSearchHooks,
+
+    /// How to hook TCP state changes: `tracepoint` keeps owners in a table of
+    /// --max-sockets entries (cheapest); `tp-btf` keeps each in its socket (Linux 5.11+: no
+    /// table to size, for hosts with more live sockets than that; ~50 ns more per change).
+    #[arg(long, value_name = "HOOKS", value_enum, default_value_t = StateHooks::Tracepoint)]
+    pub state_hooks: StateHooks,
 
     /// Read kernel structure layouts from this BTF file instead of /sys/kernel/btf/vmlinux.
     #[arg(long, value_name = "FILE")]
@@ -457,6 +468,7 @@ impl KernelArgs {
             max_sockets: self.max_sockets,
             btf: self.btf.clone(),
             port_search_hooks: self.port_search_hooks,
+            state_hooks: self.state_hooks,
             wakeup_bytes: self.wakeup_bytes,
             // aya-log levels: 1 error, 2 warn, 3 info, 4 debug, 5 trace.
             kernel_log_level: 2 + verbose.min(3),

@@ -97,6 +97,10 @@ pub fn kernel_layout(btf: &Btf) -> anyhow::Result<KernelLayout> {
         }
         Err(e) => log::warn!("the port-search hooks cannot read socket addresses: {e:#}"),
     }
+    match offset_of(btf, "inet_sock", &["inet_sport"]) {
+        Ok(off) => layout.inet_sport = off,
+        Err(e) => log::debug!("the tp_btf state hook cannot be used: {e:#}"),
+    }
     match offset_of(btf, "sock", &["sk_err"]) {
         Ok(off) => layout.sock_err = off,
         Err(e) => log::warn!("failed non-blocking connects will not be reported: {e:#}"),

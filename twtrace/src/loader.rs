@@ -7,10 +7,10 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{FExit, KProbe, RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, FExit, KProbe, RawTracePoint, TracePoint},
 };
 use twtrace_common::{
-    config::{RECORD_BYTES, ResetLayout, SockStateLayout, SyscallLayout},
+    config::{KernelLayout, RECORD_BYTES, ResetLayout, SockStateLayout, SyscallLayout},
     counters,
 };
 
@@ -32,6 +32,8 @@ pub struct Options {
     pub kernel_log_level: u8,
     /// How to hook the kernel's port search.
     pub port_search_hooks: PortSearchHooks,
+    /// Which form of the state-change hook to use.
+    pub state_hooks: StateHooks,
     /// Ring-buffer bytes before a wakeup; `None` for the default.
     pub wakeup_bytes: Option<u32>,
 }
@@ -48,6 +50,24 @@ pub enum PortSearchHooks {
     /// Do not hook the port search; rely on the syscall tracepoints.
     None,
 }
+
+/// Forms of the state-change hook (and of the reset hook, which shares its socket table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StateHooks {
+    /// Classic tracepoints keeping owners in a preallocated hash map of `--max-sockets`
+    /// entries: the cheapest per state change.
+    Tracepoint,
+    /// BTF tracepoints keeping each socket's owner in the socket itself (socket storage,
+    /// Linux 5.11+): no table to size, memory follows the live sockets; creating the
+    /// storage makes a state change ~50 ns dearer (docs/benchmarks.md).
+    TpBtf,
+}
+
+/// The `tp_btf` programs: (program, tracepoint).
+const TP_BTF_PROGRAMS: [(&str, &str); 2] = [
+    ("inet_sock_set_state_btf", "inet_sock_set_state"),
+    ("tcp_receive_reset_btf", "tcp_receive_reset"),
+];
 
 /// The programs of one way of hooking the port search: (program, kernel function).
 const FEXIT_PROGRAMS: [(&str, &str); 2] =
@@ -87,6 +107,9 @@ impl Tracer {
         let getsockopt_layout = syscall_layout(&tracefs, "getsockopt", "optval", true)?;
         raise_memlock_limit();
 
+        // The tp_btf hooks keep owners in the sockets themselves: the hash-map table is
+        // then left at one entry rather than --max-sockets preallocated ones.
+        let tp_btf = opts.state_hooks == StateHooks::TpBtf;
         let mut ebpf = EbpfLoader::new()
             .override_global("SOCK_STATE_LAYOUT", &state_layout, true)
             .override_global("RESET_LAYOUT", &reset_layout, true)
@@ -104,21 +127,33 @@ impl Tracer {
                 true,
             )
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
-            .map_max_entries("SOCKETS", opts.max_sockets)
+            .map_max_entries("SOCKETS", if tp_btf { 1 } else { opts.max_sockets })
             .load(EBPF_OBJECT)
             .context("failed to load the eBPF programs into the kernel")?;
 
         let mut tracepoints = Vec::new();
-        attach_tracepoint(&mut ebpf, "inet_sock_set_state", "sock", "inet_sock_set_state")?;
-        tracepoints.push("sock:inet_sock_set_state".to_owned());
-        if reset_layout.present != 0 {
-            attach_tracepoint(&mut ebpf, "tcp_receive_reset", "tcp", "tcp_receive_reset")?;
-            tracepoints.push("tcp:tcp_receive_reset".to_owned());
-        } else {
+        let with_reset = reset_layout.present != 0;
+        if !with_reset {
             log::warn!(
                 "tcp:tcp_receive_reset is missing on this kernel: a reset in FIN_WAIT2 may be \
                  reported as an entry into TIME_WAIT"
             );
+        }
+        if tp_btf {
+            attach_tp_btf_hooks(&mut ebpf, &kernel_layout, with_reset).context(
+                "the tp_btf hooks are not available on this kernel; use --state-hooks tracepoint",
+            )?;
+            tracepoints.push("tp_btf:sock:inet_sock_set_state".to_owned());
+            if with_reset {
+                tracepoints.push("tp_btf:tcp:tcp_receive_reset".to_owned());
+            }
+        } else {
+            attach_tracepoint(&mut ebpf, "inet_sock_set_state", "sock", "inet_sock_set_state")?;
+            tracepoints.push("sock:inet_sock_set_state".to_owned());
+            if with_reset {
+                attach_tracepoint(&mut ebpf, "tcp_receive_reset", "tcp", "tcp_receive_reset")?;
+                tracepoints.push("tcp:tcp_receive_reset".to_owned());
+            }
         }
         // Failed connects: the syscall tracepoints give caller, address and errno. The
         // socket error report and getsockopt(SO_ERROR) give the errno of a non-blocking
@@ -189,6 +224,45 @@ impl Tracer {
         out[counters::SKIPPED_RUNS as usize] = skipped_runs();
         Ok(out)
     }
+}
+
+/// Attaches the `tp_btf` form of the state and reset hooks.
+fn attach_tp_btf_hooks(
+    ebpf: &mut Ebpf,
+    layout: &KernelLayout,
+    with_reset: bool,
+) -> anyhow::Result<()> {
+    if layout.sock_addrs == 0 || layout.sock_protocol == 0 || layout.inet_sport == 0 {
+        bail!("the kernel's BTF lacks the socket fields the tp_btf hook reads");
+    }
+    // The program copies the start of the socket in one read of RECORD_BYTES.
+    let end = [
+        layout.skc_family + 2,
+        layout.skc_num + 2,
+        layout.skc_dport + 2,
+        layout.skc_daddr + 4,
+        layout.skc_rcv_saddr + 4,
+        layout.skc_v6_daddr + 16,
+        layout.skc_v6_rcv_saddr + 16,
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0);
+    if end as usize > RECORD_BYTES {
+        bail!("struct sock_common is laid out beyond the {RECORD_BYTES} bytes the hook reads");
+    }
+    let btf = aya::Btf::from_sys_fs().context("failed to read the kernel's BTF")?;
+    for (program, tracepoint) in TP_BTF_PROGRAMS {
+        if tracepoint == "tcp_receive_reset" && !with_reset {
+            continue;
+        }
+        let prog: &mut BtfTracePoint = program_mut(ebpf, program)?;
+        // Socket storage from tracing programs needs Linux 5.11: older kernels reject
+        // the program here.
+        prog.load(tracepoint, &btf).with_context(|| format!("tp_btf {tracepoint}: load failed"))?;
+        prog.attach().with_context(|| format!("tp_btf {tracepoint}: attach failed"))?;
+    }
+    Ok(())
 }
 
 /// Attaches the port-search hooks as asked; returns the kind attached, if any.

@@ -114,7 +114,9 @@ impl Pipeline {
             if n > *prev {
                 let hint = match i as u32 {
                     counters::RINGBUF_FULL => "; raise --ring-buffer-size",
-                    counters::SOCKET_TABLE_FULL => "; raise --max-sockets",
+                    counters::SOCKET_TABLE_FULL => {
+                        "; raise --max-sockets (classic tracepoints), or free kernel memory (tp_btf)"
+                    }
                     _ => "",
                 };
                 eprintln!("twtrace: warning: {} x {}{hint}", n - *prev, counters::NAMES[i]);

@@ -30,16 +30,20 @@ enum Config {
     /// twtrace with a ring-buffer wakeup per event, as other tracers do: the baseline for
     /// twtrace's batched wakeups.
     TwtraceWakeEach,
+    /// twtrace with the tp_btf state hook keeping owners in socket storage (the default
+    /// keeps them in a preallocated hash map).
+    TwtraceTpBtf,
     TwtraceRecord,
     Tcpstates,
     Bpftrace,
 }
 
 impl Config {
-    const ALL: [Config; 6] = [
+    const ALL: [Config; 7] = [
         Config::Untraced,
         Config::TwtraceTrace,
         Config::TwtraceWakeEach,
+        Config::TwtraceTpBtf,
         Config::TwtraceRecord,
         Config::Tcpstates,
         Config::Bpftrace,
@@ -50,6 +54,7 @@ impl Config {
             Config::Untraced => "untraced",
             Config::TwtraceTrace => "twtrace trace --json",
             Config::TwtraceWakeEach => "twtrace trace --json --wakeup-bytes 0",
+            Config::TwtraceTpBtf => "twtrace trace --json --state-hooks tp-btf",
             Config::TwtraceRecord => "twtrace record",
             Config::Tcpstates => "tcpstates (libbpf-tools)",
             Config::Bpftrace => "bpftrace printf",
@@ -379,6 +384,11 @@ fn measure(
             cmd.args(["trace", "--json", "--wakeup-bytes", "0"]);
             Some(Tool::start(cmd, Ready::Line(|l| l.starts_with("twtrace: tracing")))?)
         }
+        Config::TwtraceTpBtf => {
+            let mut cmd = Command::new(twtrace);
+            cmd.args(["trace", "--json", "--state-hooks", "tp-btf"]);
+            Some(Tool::start(cmd, Ready::Line(|l| l.starts_with("twtrace: tracing")))?)
+        }
         Config::TwtraceRecord => {
             let mut cmd = Command::new(twtrace);
             cmd.args(["record", "-o"]).arg(&recording);
@@ -418,7 +428,10 @@ fn measure(
     sample.cpu_s = cpu_before.zip(cpu_after).map(|(a, b)| b - a);
     let (lines, stderr) = tool.stop()?;
     match config {
-        Config::TwtraceTrace | Config::TwtraceWakeEach | Config::TwtraceRecord => {
+        Config::TwtraceTrace
+        | Config::TwtraceWakeEach
+        | Config::TwtraceTpBtf
+        | Config::TwtraceRecord => {
             // "twtrace: N events (…), M shown, L lost, …"
             let summary = stderr.lines().find(|l| l.contains(" events (")).unwrap_or_default();
             sample.delivered = summary.split_whitespace().nth(1).and_then(|w| w.parse().ok());

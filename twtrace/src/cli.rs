@@ -164,17 +164,32 @@ pub struct TopArgs {
     #[arg(long, value_name = "INODE")]
     pub netns: Vec<u32>,
 
-    /// Only connections of processes in this cgroup or below (comma-separated).
-    #[arg(long, value_name = "PATH", value_delimiter = ',')]
-    pub cgroup: Vec<String>,
-
-    /// Only connections of processes in this container or pod (id prefix, 4+ characters;
-    /// comma-separated).
-    #[arg(long, value_name = "ID", value_delimiter = ',')]
-    pub container: Vec<String>,
+    #[command(flatten)]
+    pub workloads: WorkloadArgs,
 
     #[command(flatten)]
     pub kernel: KernelArgs,
+}
+
+/// Which processes' connections to keep, by cgroup or container (`trace`, `top`, …).
+#[derive(Debug, Args, Default)]
+pub struct WorkloadArgs {
+    /// Only processes in this cgroup or below it, e.g. /system.slice/nginx.service (as in
+    /// /proc/PID/cgroup; comma-separated).
+    #[arg(long, value_name = "PATH", value_delimiter = ',')]
+    pub cgroup: Vec<String>,
+
+    /// Only processes in this container: a container id prefix (docker, containerd,
+    /// cri-o, podman; 4+ characters) or a Kubernetes pod UID (comma-separated).
+    #[arg(long, value_name = "ID", value_delimiter = ',')]
+    pub container: Vec<String>,
+}
+
+impl WorkloadArgs {
+    pub fn to_filter(&self) -> anyhow::Result<crate::container::WorkloadFilter> {
+        crate::container::WorkloadFilter::new(&self.cgroup, &self.container)
+            .map_err(|e| anyhow::anyhow!("--cgroup/--container: {e}"))
+    }
 }
 
 fn parse_interval(s: &str) -> Result<f64, String> {
@@ -377,15 +392,8 @@ pub struct FilterArgs {
     #[arg(long, value_name = "INODE", value_delimiter = ',')]
     pub netns: Vec<u32>,
 
-    /// Only processes in this cgroup or below it, e.g. /system.slice/nginx.service (as in
-    /// /proc/PID/cgroup; comma-separated).
-    #[arg(long, value_name = "PATH", value_delimiter = ',')]
-    pub cgroup: Vec<String>,
-
-    /// Only processes in this container: a container id prefix (docker, containerd,
-    /// cri-o, podman; 4+ characters) or a Kubernetes pod UID (comma-separated).
-    #[arg(long, value_name = "ID", value_delimiter = ',')]
-    pub container: Vec<String>,
+    #[command(flatten)]
+    pub workloads: WorkloadArgs,
 
     /// Only failures: connect() and bind() errors (connect_error, bind_error events).
     /// With --state, the states asked for are shown too.
@@ -418,8 +426,7 @@ impl FilterArgs {
             },
             netns: self.netns.clone(),
             failed: self.failed,
-            workloads: crate::container::WorkloadFilter::new(&self.cgroup, &self.container)
-                .map_err(|e| anyhow::anyhow!("--cgroup/--container: {e}"))?,
+            workloads: self.workloads.to_filter()?,
         })
     }
 }

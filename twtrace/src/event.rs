@@ -180,6 +180,22 @@ impl Event {
             Self::Failure(f) => f.ts_ns,
         }
     }
+
+    /// The process the event is attributed to, if known.
+    pub const fn owner(&self) -> Option<Owner> {
+        match self {
+            Self::State(s) => s.owner,
+            Self::Failure(f) => f.owner,
+        }
+    }
+
+    /// Inode of the socket's network namespace (0 when unknown).
+    pub const fn netns(&self) -> u32 {
+        match self {
+            Self::State(s) => s.netns,
+            Self::Failure(f) => f.netns,
+        }
+    }
 }
 
 /// Reads a `T` from the start of `bytes`, checking the length first.

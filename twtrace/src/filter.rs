@@ -57,11 +57,7 @@ impl Filter {
         if self.workloads.is_empty() {
             return true;
         }
-        let owner = match event {
-            Event::State(s) => s.owner,
-            Event::Failure(f) => f.owner,
-        };
-        owner.is_some_and(|o| resolver.matches(o.cgroup, &self.workloads))
+        event.owner().is_some_and(|o| resolver.matches(o.cgroup, &self.workloads))
     }
 
     pub fn matches(&self, event: &Event) -> bool {

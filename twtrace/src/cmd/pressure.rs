@@ -39,8 +39,7 @@ pub async fn top(args: TopArgs, verbose: u8) -> anyhow::Result<()> {
         AsyncFd::register_with_interest(tracer.take_events()?, tokio::io::Interest::READABLE)
     }
     .context("failed to poll the event ring buffer")?;
-    let workloads = WorkloadFilter::new(&args.cgroup, &args.container)
-        .map_err(|e| anyhow::anyhow!("--cgroup/--container: {e}"))?;
+    let workloads = args.workloads.to_filter()?;
     let mut source = Source { model: Model::new(), resolver: CgroupResolver::new(), workloads };
     let mut aggregator = Aggregator::new().only_observed(!source.workloads.is_empty());
     // A true start: the sockets that exist already.
@@ -187,15 +186,11 @@ fn drain(
         match event::decode(&record) {
             Ok(mut e) => {
                 source.model.observe(&mut e);
-                if !netns.is_empty() && !netns.contains(&event_netns(&e)) {
+                if !netns.is_empty() && !netns.contains(&e.netns()) {
                     continue;
                 }
                 if !source.workloads.is_empty() {
-                    let owner = match &e {
-                        Event::State(s) => s.owner,
-                        Event::Failure(f) => f.owner,
-                    };
-                    let cgroup = owner.map_or(0, |o| o.cgroup);
+                    let cgroup = e.owner().map_or(0, |o| o.cgroup);
                     if !source.resolver.matches(cgroup, &source.workloads) {
                         continue;
                     }
@@ -206,13 +201,6 @@ fn drain(
         }
     }
     n
-}
-
-fn event_netns(e: &Event) -> u32 {
-    match e {
-        Event::State(s) => s.netns,
-        Event::Failure(f) => f.netns,
-    }
 }
 
 pub fn report(args: ReportArgs) -> anyhow::Result<()> {

@@ -218,10 +218,7 @@ impl<'a> FailureJson<'a> {
 
 impl<W: Write> EventSink for JsonLines<W> {
     fn write_event(&mut self, event: &Event, clock: &Clock) -> std::io::Result<()> {
-        let owner = match event {
-            Event::State(s) => s.owner,
-            Event::Failure(f) => f.owner,
-        };
+        let owner = event.owner();
         let workload = match (&mut self.resolver, owner) {
             (Some(r), Some(o)) => r.resolve(o.cgroup),
             _ => None,

@@ -161,6 +161,10 @@ pub fn run_role_if_requested() -> Option<ExitCode> {
             set_comm(CLIENT_COMM);
             reset_in_fin_wait2(addr);
         }
+        "hold" => {
+            set_comm(CLIENT_COMM);
+            hold_connections(addr, count);
+        }
         other => panic!("unknown role {other}"),
     }
     Some(ExitCode::SUCCESS)
@@ -274,6 +278,29 @@ fn reset_in_fin_wait2(addr: SocketAddr) {
 
 /// `TCP_FIN_WAIT2` of include/net/tcp_states.h.
 const TCP_FIN_WAIT2: u8 = 5;
+
+/// Opens `count` connections to a listener of its own and holds all of them (2 × `count`
+/// live sockets), then closes every client end first (TIME_WAIT on the client side) and
+/// the server ends after. Prints `held N`.
+fn hold_connections(addr: SocketAddr, count: usize) {
+    let listener = TcpListener::bind(addr).expect("hold: bind");
+    let target = listener.local_addr().unwrap();
+    let mut pairs = Vec::with_capacity(count);
+    for _ in 0..count {
+        let client = TcpStream::connect(target).expect("hold: connect");
+        let (server, _) = listener.accept().expect("hold: accept");
+        pairs.push((client, server));
+    }
+    let (clients, servers): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
+    drop(clients);
+    // Each server end reads the client's FIN, then closes: the client end enters TIME_WAIT.
+    for mut server in servers {
+        server.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 16];
+        while server.read(&mut buf).expect("hold: server read") > 0 {}
+    }
+    println!("held {count}");
+}
 
 /// The socket's TCP state (`tcpi_state`).
 fn tcp_state(stream: &TcpStream) -> u8 {

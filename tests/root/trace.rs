@@ -38,6 +38,12 @@ pub fn trials() -> Vec<Trial> {
         trial("trace::reset_in_fin_wait2_is_not_time_wait_classic", || {
             reset_is_not_time_wait(Hooks::Classic)
         }),
+        trial("trace::owner_table_full_is_reported_classic", || {
+            more_sockets_than_the_table(Hooks::Classic)
+        }),
+        trial("trace::owner_table_size_does_not_bind_tp_btf", || {
+            more_sockets_than_the_table(Hooks::TpBtf)
+        }),
         trial("trace::state_filter_time_wait_shows_only_time_wait", state_filter_time_wait),
         trial("trace::human_output_names_the_owner", human_output_names_the_owner),
         trial("trace::sigterm_detaches_and_exits_zero", sigterm_exits_zero),
@@ -202,6 +208,48 @@ fn reset_is_not_time_wait(hooks: Hooks) {
     assert_eq!(closes[0]["kind"], "state", "{}", closes[0]);
     assert_eq!(closes[0]["new_state"], "CLOSE", "{}", closes[0]);
     assert!(events.iter().all(|e| e["kind"] != "time_wait"), "{events:#?}");
+}
+
+/// 600 connections held open at once (1,200 live sockets) against the smallest owner table
+/// (1,024): the classic hooks must say the table overflowed and leave some owners unknown;
+/// tp_btf, with no table, must attribute every TIME_WAIT to its process.
+fn more_sockets_than_the_table(hooks: Hooks) {
+    const HELD: usize = 600;
+    let ns = Netns::new();
+    let inode = ns.inode().to_string();
+    let args = [
+        &["--json", "--netns", &inode, "--state", "TIME_WAIT", "--max-sockets", "1024"],
+        hooks.args(),
+    ]
+    .concat();
+    let tracer = Tracer::start(&args);
+    let role = scenario::spawn_role(
+        "hold",
+        &ns.path(),
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0),
+        HELD,
+    );
+    let pid = role.id();
+    let line = wait_output(role, "hold");
+    assert_eq!(line.trim(), format!("held {HELD}"));
+    ns.wait_for_time_wait(HELD);
+    let out = tracer.stop();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    hooks.check_start_line(&stderr);
+    let events = json_lines(&out.stdout);
+    assert_eq!(events.len(), HELD, "one time_wait event per connection; {stderr}");
+    let attributed = events.iter().filter(|e| e["pid"] == pid).count();
+    let table_full = stderr.contains("socket table full");
+    match hooks {
+        Hooks::TpBtf => {
+            assert!(!table_full, "{stderr}");
+            assert_eq!(attributed, HELD, "every owner known without a table: {stderr}");
+        }
+        _ => {
+            assert!(table_full, "the overflow must be reported: {stderr}");
+            assert!(attributed < HELD, "some owners cannot be known: {stderr}");
+        }
+    }
 }
 
 fn state_filter_time_wait() {

@@ -283,6 +283,19 @@ const TCP_FIN_WAIT2: u8 = 5;
 /// live sockets), then closes every client end first (TIME_WAIT on the client side) and
 /// the server ends after. Prints `held N`.
 fn hold_connections(addr: SocketAddr, count: usize) {
+    // Two descriptors per connection: more than the usual soft limit of 1,024 (the test
+    // guests' too). Raise the soft limit; the hard one only if it is lower (that needs
+    // CAP_SYS_RESOURCE).
+    let want = (2 * count + 64) as libc::rlim_t;
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain getrlimit(2)/setrlimit(2) with a valid struct.
+    let rc = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_cur.max(want);
+        limit.rlim_max = limit.rlim_max.max(want);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit)
+    };
+    assert_eq!(rc, 0, "hold: RLIMIT_NOFILE {want}: {}", std::io::Error::last_os_error());
     let listener = TcpListener::bind(addr).expect("hold: bind");
     let target = listener.local_addr().unwrap();
     let mut pairs = Vec::with_capacity(count);

@@ -211,8 +211,8 @@ fn reset_is_not_time_wait(hooks: Hooks) {
 }
 
 /// 600 connections held open at once (1,200 live sockets) against the smallest owner table
-/// (1,024): the classic hooks must say the table overflowed and leave some owners unknown;
-/// tp_btf, with no table, must attribute every TIME_WAIT to its process.
+/// (1,024): the classic hooks must say the table overflowed; tp_btf, with no table, must
+/// not, and must attribute every TIME_WAIT to its process.
 fn more_sockets_than_the_table(hooks: Hooks) {
     const HELD: usize = 600;
     let ns = Netns::new();
@@ -245,10 +245,9 @@ fn more_sockets_than_the_table(hooks: Hooks) {
             assert!(!table_full, "{stderr}");
             assert_eq!(attributed, HELD, "every owner known without a table: {stderr}");
         }
-        _ => {
-            assert!(table_full, "the overflow must be reported: {stderr}");
-            assert!(attributed < HELD, "some owners cannot be known: {stderr}");
-        }
+        // How many owners userspace still recovers (from each socket's events in the
+        // owner's own context) depends on timing: only the report is certain.
+        _ => assert!(table_full, "the overflow must be reported: {stderr}"),
     }
 }
 

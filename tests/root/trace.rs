@@ -237,16 +237,27 @@ fn more_sockets_than_the_table(hooks: Hooks) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     hooks.check_start_line(&stderr);
     let events = json_lines(&out.stdout);
-    assert_eq!(events.len(), HELD, "one time_wait event per connection; {stderr}");
-    let attributed = events.iter().filter(|e| e["pid"] == pid).count();
+    assert!(events.len() <= HELD, "more time_wait events than connections: {stderr}");
     let table_full = stderr.contains("socket table full");
     match hooks {
         Hooks::TpBtf => {
             assert!(!table_full, "{stderr}");
-            assert_eq!(attributed, HELD, "every owner known without a table: {stderr}");
+            // 1,200 sockets at once on a slow guest: the kernel may skip runs that nest
+            // in a softirq on the same CPU. tp_btf runs count those, twtrace reports them:
+            // nothing may be missing unreported.
+            let lost: usize = stderr
+                .lines()
+                .find(|l| l.contains(" lost,"))
+                .and_then(|l| l.split(" lost,").next()?.rsplit(' ').next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no summary: {stderr}"));
+            assert!(events.len() + lost >= HELD, "{} events, {lost} lost: {stderr}", events.len());
+            let attributed = events.iter().filter(|e| e["pid"] == pid).count();
+            assert_eq!(attributed, events.len(), "every owner known without a table: {stderr}");
         }
         // How many owners userspace still recovers (from each socket's events in the
-        // owner's own context) depends on timing: only the report is certain.
+        // owner's own context) depends on timing, and kernels before 6.7 do not count
+        // classic tracepoint runs skipped while another BPF program ran on the CPU: only
+        // the report of the overflow is certain.
         _ => assert!(table_full, "the overflow must be reported: {stderr}"),
     }
 }

@@ -84,17 +84,19 @@ impl Hooks {
 }
 
 /// Runs `count` connections between a server and a client process in `ns`, traced with
-/// `args`; returns the events and the two processes' pids.
+/// `args` and the state hook `hooks`; returns the events and the two processes' pids.
 fn run_scenario(
     ns: &Netns,
     ip: IpAddr,
     closer: Closer,
     count: usize,
+    hooks: Hooks,
     args: &[&str],
 ) -> (Vec<u8>, u32, u32, u16) {
     let inode = ns.inode().to_string();
     let mut all_args = vec!["--netns", inode.as_str()];
     all_args.extend_from_slice(args);
+    all_args.extend_from_slice(hooks.args());
     let tracer = Tracer::start(&all_args);
     let (mut server, port) =
         scenario::spawn_server(&ns.path(), SocketAddr::new(ip, 0), count, closer);
@@ -108,15 +110,14 @@ fn run_scenario(
     assert!(out.status.success(), "twtrace failed: {}", String::from_utf8_lossy(&out.stderr));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(" 0 lost"), "events were lost: {stderr}");
-    let hooks = if args.contains(&"tp-btf") { Hooks::TpBtf } else { Hooks::Classic };
     hooks.check_start_line(&stderr);
     (out.stdout, server_pid, client_pid, port)
 }
 
 fn time_wait_scenario(ip: IpAddr, closer: Closer, hooks: Hooks) {
     let ns = Netns::new();
-    let args = [&["--json"], hooks.args()].concat();
-    let (stdout, server_pid, client_pid, port) = run_scenario(&ns, ip, closer, CONNECTIONS, &args);
+    let (stdout, server_pid, client_pid, port) =
+        run_scenario(&ns, ip, closer, CONNECTIONS, hooks, &["--json"]);
     let events = json_lines(&stdout);
     let family = if ip.is_ipv4() { "ipv4" } else { "ipv6" };
 
@@ -265,8 +266,14 @@ fn more_sockets_than_the_table(hooks: Hooks) {
 fn state_filter_time_wait() {
     let ns = Netns::new();
     let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let (stdout, _, client_pid, _) =
-        run_scenario(&ns, ip, Closer::Client, 3, &["--json", "--state", "TIME_WAIT"]);
+    let (stdout, _, client_pid, _) = run_scenario(
+        &ns,
+        ip,
+        Closer::Client,
+        3,
+        Hooks::Default,
+        &["--json", "--state", "TIME_WAIT"],
+    );
     let events = json_lines(&stdout);
     assert_eq!(events.len(), 3, "{events:#?}");
     for e in &events {
@@ -278,7 +285,8 @@ fn state_filter_time_wait() {
 fn human_output_names_the_owner() {
     let ns = Netns::new();
     let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let (stdout, _, client_pid, port) = run_scenario(&ns, ip, Closer::Client, 2, &[]);
+    let (stdout, _, client_pid, port) =
+        run_scenario(&ns, ip, Closer::Client, 2, Hooks::Default, &[]);
     let text = String::from_utf8(stdout).unwrap();
     let mut lines = text.lines();
     let header = lines.next().expect("no header");

@@ -8,8 +8,10 @@
 pub mod config;
 pub mod counters;
 pub mod event;
+pub mod socket_table;
 pub mod tcp;
 
 pub use event::{
     Attribution, EventHeader, EventKind, FailureEvent, FailureSource, SockStateEvent, Task,
 };
+pub use socket_table::SocketEntry;

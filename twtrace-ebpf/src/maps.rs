@@ -12,7 +12,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use twtrace_common::{
-    FailureEvent, Task,
+    FailureEvent, SocketEntry, Task,
     config::{KernelLayout, RECORD_BYTES, ResetLayout, SockStateLayout, SyscallLayout},
     counters,
 };
@@ -54,11 +54,16 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::
 #[map]
 pub static RECORD: PerCpuArray<[u8; RECORD_BYTES]> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per live socket: who owns it and when it last changed state. Keyed by `struct sock *`.
-/// Entries are removed when the socket reaches CLOSE, so the table holds live sockets only.
-/// Size set by userspace (`--max-sockets`).
+/// Per socket: who owns it and when it last changed state. Keyed by `struct sock *`.
+/// Entries are marked closed at CLOSE rather than deleted (see [`SocketEntry`]); userspace
+/// sweeps them out when the table fills. Size set by userspace (`--max-sockets`).
 #[map]
 pub static SOCKETS: HashMap<u64, SocketEntry> = HashMap::with_max_entries(65536, 0);
+
+/// Entries the state hook added to [`SOCKETS`], per CPU: with the entries userspace swept
+/// out, how full the table is (a hash map has no cheap count).
+#[map]
+pub static SOCKETS_ADDED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Owners of listening sockets, keyed by [`listener_key`]: accepted connections inherit
 /// them until the accepting process acts on the connection itself.
@@ -181,21 +186,6 @@ pub struct PendingCall {
     pub saddr: [u8; 16],
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct SocketEntry {
-    pub owner: Task,
-    /// `bpf_ktime_get_ns()` of the socket's last transition.
-    pub last_change_ns: u64,
-    /// A `twtrace_common::Attribution` value for `owner`.
-    pub attribution: u8,
-    /// An RST was received: the coming CLOSE does not enter TIME_WAIT.
-    pub reset_seen: u8,
-    pub _pad: [u8; 2],
-    /// The socket's network namespace inode, read once per socket life.
-    pub netns: u32,
-}
-
 /// The socket table in the socket itself: with the `tp_btf` hooks (Linux 5.11+) each
 /// socket carries its [`SocketEntry`] as socket-local storage, found through the socket
 /// without hashing, and freed by the kernel with the socket. Replaces [`SOCKETS`] there.
@@ -203,14 +193,14 @@ pub struct SocketEntry {
 pub static SOCKET_STORAGE: SkStorage<SocketEntry> = SkStorage::new();
 
 /// Where the state hook keeps one socket's [`SocketEntry`]: [`SOCKETS`] keyed by address
-/// (classic tracepoints) or [`SOCKET_STORAGE`] (`tp_btf`).
+/// (classic tracepoints) or [`SOCKET_STORAGE`] (`tp_btf`). Neither deletes an entry when
+/// its socket closes: the state hook marks it closed, and the next socket at the same
+/// address (or, for storage, the same socket leaving CLOSE again) takes it over.
 pub trait SocketTable {
-    /// The socket's entry, if it has one.
+    /// The entry at the socket's address or in the socket, if any (possibly closed).
     fn get(&self) -> Option<*mut SocketEntry>;
     /// Gives the socket its first entry; `false` when the table is full.
     fn insert(&self, entry: &SocketEntry) -> bool;
-    /// The socket reached CLOSE: its entry is of no more use.
-    fn remove(&self);
 }
 
 /// A socket's entry in [`SOCKETS`], by `struct sock *` address.
@@ -224,12 +214,14 @@ impl SocketTable for SocketByAddress {
 
     #[inline(always)]
     fn insert(&self, entry: &SocketEntry) -> bool {
-        SOCKETS.insert(&self.0, entry, 0).is_ok()
-    }
-
-    #[inline(always)]
-    fn remove(&self) {
-        let _ = SOCKETS.remove(&self.0);
+        if SOCKETS.insert(&self.0, entry, 0).is_err() {
+            return false;
+        }
+        if let Some(added) = SOCKETS_ADDED.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
+            unsafe { *added += 1 };
+        }
+        true
     }
 }
 
@@ -259,12 +251,6 @@ impl SocketTable for SocketStorage {
     fn insert(&self, entry: &SocketEntry) -> bool {
         let init = core::ptr::from_ref(entry).cast_mut();
         self.storage(init, u64::from(BPF_SK_STORAGE_GET_F_CREATE)).is_some()
-    }
-
-    #[inline(always)]
-    fn remove(&self) {
-        // Kept until the kernel frees the socket: a socket that leaves CLOSE again starts
-        // a new life and overwrites it, which is cheaper than a delete per connection.
     }
 }
 

@@ -25,7 +25,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use twtrace_common::{
-    Attribution, EventKind, FailureEvent, FailureSource, SockStateEvent, Task,
+    Attribution, EventKind, FailureEvent, FailureSource, SockStateEvent, SocketEntry, Task,
     config::RECORD_BYTES,
     counters,
     tcp::{self, AF_INET, AF_INET6, IPPROTO_TCP},
@@ -36,7 +36,7 @@ use crate::{
     kernel::{port_settings, socket_error, socket_netns},
     maps::{
         CALL_CONNECT, EVENTS, KERNEL_LAYOUT, LISTENERS, PAIRING_WINDOW_NS, PENDING_CALLS, RECORD,
-        SOCK_STATE_LAYOUT, SocketByAddress, SocketEntry, SocketStorage, SocketTable, TAKEN_ERRORS,
+        SOCK_STATE_LAYOUT, SocketByAddress, SocketStorage, SocketTable, TAKEN_ERRORS,
         UNREPORTED_FAILURES, count, listener_key, wakeup_flags,
     },
 };
@@ -324,13 +324,15 @@ fn track_socket<C: EbpfContext>(
 ) -> (Task, Attribution, u64, bool, u32) {
     let known = table.get();
     // A socket starts a new life by leaving CLOSE (connect, listen) or as a clone of its
-    // listener: whatever the table holds for this address belongs to an earlier life
-    // (its CLOSE was missed, e.g. while the table was full) and must not leak into it.
+    // listener: whatever the table holds then belongs to an earlier socket at this address
+    // or an earlier life of this one, and must not leak into it. So must a closed entry
+    // met without a new life (that start was missed, e.g. while the table was full).
     let new_life =
         t.old == tcp::TCP_CLOSE || (t.old == tcp::TCP_LISTEN && t.new == tcp::TCP_SYN_RECV);
-    let (mut task, mut attribution, prev_state_ns, reset_seen, known_netns) = match known {
-        Some(_) if new_life => (Task::default(), Attribution::Unknown, 0, false, 0),
-        // SAFETY: map value pointer, valid for the duration of this program.
+    // SAFETY: map value pointer, valid for the duration of this program.
+    let current = known.filter(|&e| !new_life && unsafe { (*e).closed } == 0);
+    let (mut task, mut attribution, prev_state_ns, reset_seen, known_netns) = match current {
+        // SAFETY: as above.
         Some(e) => unsafe {
             (
                 (*e).owner,
@@ -377,42 +379,38 @@ fn track_socket<C: EbpfContext>(
         let _ = LISTENERS.remove(&listener_key(netns, t.sport));
     }
 
-    if t.new == tcp::TCP_CLOSE {
-        // A socket never leaves CLOSE except by connect()/listen(), which record it anew.
-        if known.is_some() {
-            table.remove();
-        }
-    } else {
-        match known {
-            // SAFETY: map value pointer; concurrent updates of one socket are serialised
-            // by the socket lock in the kernel.
-            Some(e) => unsafe {
-                (*e).owner = task;
-                (*e).attribution = attribution as u8;
-                (*e).last_change_ns = now;
-                if new_life {
-                    (*e).reset_seen = 0;
-                    (*e).netns = netns;
-                }
-            },
-            None => {
-                let entry = SocketEntry {
-                    owner: task,
-                    last_change_ns: now,
-                    attribution: attribution as u8,
-                    reset_seen: 0,
-                    _pad: [0; 2],
-                    netns,
-                };
-                if !table.insert(&entry) {
-                    count(counters::SOCKET_TABLE_FULL);
-                    warn!(
-                        ctx,
-                        "socket table full (or socket storage out of memory): owner of new socket unknown"
-                    );
-                }
+    let closed = u8::from(t.new == tcp::TCP_CLOSE);
+    match known {
+        // SAFETY: map value pointer; concurrent updates of one socket are serialised by
+        // the socket lock in the kernel, and a closed entry's socket is gone.
+        Some(e) => unsafe {
+            (*e).owner = task;
+            (*e).attribution = attribution as u8;
+            (*e).last_change_ns = now;
+            (*e).closed = closed;
+            if current.is_none() {
+                (*e).reset_seen = 0;
+                (*e).netns = netns;
+            }
+        },
+        // A socket that closes without an entry needs none.
+        None if closed == 0 => {
+            let entry = SocketEntry {
+                owner: task,
+                last_change_ns: now,
+                attribution: attribution as u8,
+                netns,
+                ..SocketEntry::default()
+            };
+            if !table.insert(&entry) {
+                count(counters::SOCKET_TABLE_FULL);
+                warn!(
+                    ctx,
+                    "socket table full (or socket storage out of memory): owner of new socket unknown"
+                );
             }
         }
+        None => {}
     }
     (task, attribution, prev_state_ns, reset_seen, netns)
 }

@@ -19,4 +19,5 @@ pub mod pipeline;
 pub mod pressure;
 pub mod privileges;
 pub mod session;
+pub mod socket_table;
 pub mod tracefs;

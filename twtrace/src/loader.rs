@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, FExit, KProbe, RawTracePoint, TracePoint},
 };
 use twtrace_common::{
@@ -14,7 +14,7 @@ use twtrace_common::{
     counters,
 };
 
-use crate::{kernel_btf, tracefs};
+use crate::{kernel_btf, socket_table::Sweeper, tracefs};
 
 /// The compiled eBPF object, cross-built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twtrace"));
@@ -86,6 +86,9 @@ pub struct Tracer {
     pub tracepoints: Vec<String>,
     /// How the kernel's port search is hooked (`fexit`, `kprobe`), if it is.
     pub port_search: Option<&'static str>,
+    /// Keeps the classic hooks' socket table clear of closed sockets (not needed with
+    /// tp_btf, whose entries live and die with their sockets).
+    _sweeper: Option<Sweeper>,
 }
 
 impl Tracer {
@@ -181,7 +184,8 @@ impl Tracer {
             }
         }
         let port_search = attach_port_search(&mut ebpf, opts.port_search_hooks)?;
-        Ok(Self { ebpf, tracepoints, port_search })
+        let sweeper = if tp_btf { None } else { Some(start_sweeper(&mut ebpf, opts.max_sockets)?) };
+        Ok(Self { ebpf, tracepoints, port_search, _sweeper: sweeper })
     }
 
     /// The event ring buffer (can be taken once).
@@ -224,6 +228,14 @@ impl Tracer {
         out[counters::SKIPPED_RUNS as usize] = skipped_runs();
         Ok(out)
     }
+}
+
+fn start_sweeper(ebpf: &mut Ebpf, capacity: u32) -> anyhow::Result<Sweeper> {
+    let table = ebpf.take_map("SOCKETS").context("the SOCKETS map is missing")?;
+    let table = HashMap::try_from(table).context("SOCKETS is not a hash map of socket entries")?;
+    let added = ebpf.take_map("SOCKETS_ADDED").context("the SOCKETS_ADDED map is missing")?;
+    let added = PerCpuArray::try_from(added).context("SOCKETS_ADDED is not a per-CPU array")?;
+    Sweeper::start(table, added, capacity)
 }
 
 /// Attaches the `tp_btf` form of the state and reset hooks.

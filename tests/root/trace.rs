@@ -32,6 +32,12 @@ pub fn trials() -> Vec<Trial> {
         trial("trace::tp_btf_server_closes_first_ipv6", || {
             time_wait_scenario(IpAddr::V6(Ipv6Addr::LOCALHOST), Closer::Server, Hooks::TpBtf)
         }),
+        trial("trace::any_layout_hook_client_closes_first_ipv4", || {
+            time_wait_scenario(IpAddr::V4(Ipv4Addr::LOCALHOST), Closer::Client, Hooks::AnyLayout)
+        }),
+        trial("trace::any_layout_hook_server_closes_first_ipv6", || {
+            time_wait_scenario(IpAddr::V6(Ipv6Addr::LOCALHOST), Closer::Server, Hooks::AnyLayout)
+        }),
         trial("trace::reset_in_fin_wait2_is_not_time_wait_tp_btf", || {
             reset_is_not_time_wait(Hooks::TpBtf)
         }),
@@ -54,12 +60,14 @@ pub fn trials() -> Vec<Trial> {
 const CONNECTIONS: usize = 5;
 
 /// Which form of the state hook a test asks for (`--state-hooks`; `Default`: none asked,
-/// which is the classic tracepoint).
+/// which is the classic tracepoint; `AnyLayout`: the classic tracepoint program for
+/// records laid out unlike Linux 5.6+'s, which this kernel's is not).
 #[derive(Clone, Copy)]
 enum Hooks {
     Default,
     TpBtf,
     Classic,
+    AnyLayout,
 }
 
 impl Hooks {
@@ -68,6 +76,7 @@ impl Hooks {
             Self::Default => &[],
             Self::TpBtf => &["--state-hooks", "tp-btf"],
             Self::Classic => &["--state-hooks", "tracepoint"],
+            Self::AnyLayout => &["--state-hooks", "tracepoint-any-layout"],
         }
     }
 
@@ -76,7 +85,7 @@ impl Hooks {
         let tp_btf = stderr.contains("tp_btf:sock:inet_sock_set_state");
         match self {
             Self::TpBtf => assert!(tp_btf, "tp_btf not attached: {stderr}"),
-            Self::Default | Self::Classic => assert!(
+            Self::Default | Self::Classic | Self::AnyLayout => assert!(
                 !tp_btf && stderr.contains("sock:inet_sock_set_state"),
                 "classic tracepoint not attached: {stderr}"
             ),

@@ -8,6 +8,14 @@
 /// every field must end within it (the record is 72 bytes from Linux 5.6 to 6.18).
 pub const RECORD_BYTES: usize = 96;
 
+/// Most event ring buffers: one per CPU, CPUs beyond this share them (CPU % rings).
+pub const MAX_EVENT_RINGS: u32 = 64;
+
+/// Size of the ring buffer the kernel is shown as the template of every event ring (the
+/// real ones are created by userspace at `--ring-buffer-size`): small, a multiple of
+/// every page size.
+pub const EVENT_RING_TEMPLATE_BYTES: usize = 256 * 1024;
+
 /// Byte offsets of the fields of the `sock:inet_sock_set_state` tracepoint record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -25,6 +33,25 @@ pub struct SockStateLayout {
     pub daddr: u16,
     pub saddr_v6: u16,
     pub daddr_v6: u16,
+}
+
+impl SockStateLayout {
+    /// The record as every kernel since Linux 5.6 lays it out. The state hook for this
+    /// layout has the offsets compiled in and loads the fields straight from the record.
+    pub const USUAL: Self = Self {
+        skaddr: 8,
+        oldstate: 16,
+        newstate: 20,
+        sport: 24,
+        dport: 26,
+        family: 28,
+        protocol: 30,
+        protocol_size: 2,
+        saddr: 32,
+        daddr: 36,
+        saddr_v6: 40,
+        daddr_v6: 56,
+    };
 }
 
 /// Byte offsets of the `tcp:tcp_receive_reset` tracepoint record.

@@ -435,13 +435,14 @@ impl FilterArgs {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Kernel side")]
 pub struct KernelArgs {
-    /// Size of the event ring buffer: a power of two, e.g. 512K, 4M, 64M.
+    /// Size of the event ring buffers together (one per CPU, up to 64, each an equal
+    /// power-of-two share): a power of two, e.g. 512K, 4M, 64M.
     #[arg(long, value_name = "BYTES", default_value = "4M", value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
 
-    /// Bytes waiting in the ring buffer before the kernel wakes twtrace (0: on every
-    /// event, as other tracers do). Default: an eighth of the ring buffer, at most 256K;
-    /// twtrace also drains every 50 ms, so events never wait longer than that.
+    /// Bytes a CPU writes to its ring buffer before the kernel wakes twtrace (0: on every
+    /// event, as other tracers do). Default: an eighth of a CPU's ring buffer, at most
+    /// 256K; twtrace also drains every 50 ms, so events never wait much longer than that.
     #[arg(long, value_name = "BYTES")]
     pub wakeup_bytes: Option<u32>,
 

@@ -18,6 +18,7 @@ pub mod output;
 pub mod pipeline;
 pub mod pressure;
 pub mod privileges;
+pub mod rings;
 pub mod session;
 pub mod socket_table;
 pub mod tracefs;

@@ -6,15 +6,17 @@ use std::path::Path;
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{ArrayOfMaps, HashMap, Map, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, FExit, KProbe, RawTracePoint, TracePoint},
 };
 use twtrace_common::{
-    config::{KernelLayout, RECORD_BYTES, ResetLayout, SockStateLayout, SyscallLayout},
+    config::{
+        KernelLayout, MAX_EVENT_RINGS, RECORD_BYTES, ResetLayout, SockStateLayout, SyscallLayout,
+    },
     counters,
 };
 
-use crate::{kernel_btf, socket_table::Sweeper, tracefs};
+use crate::{kernel_btf, rings::EventRings, socket_table::Sweeper, tracefs};
 
 /// The compiled eBPF object, cross-built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twtrace"));
@@ -22,7 +24,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// What the user can tune about the kernel side.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Ring buffer size in bytes (a power of two, at least one page).
+    /// All event ring buffers together, in bytes (a power of two, at least one page).
     pub ring_buffer_bytes: u32,
     /// Capacity of the socket table.
     pub max_sockets: u32,
@@ -61,6 +63,10 @@ pub enum StateHooks {
     /// Linux 5.11+): no table to size, memory follows the live sockets; creating the
     /// storage makes a state change ~50 ns dearer (docs/benchmarks.md).
     TpBtf,
+    /// The classic tracepoint reading its record at the offsets of the format file, as it
+    /// does by itself on kernels whose record differs from Linux 5.6+'s (for tests).
+    #[value(hide = true)]
+    TracepointAnyLayout,
 }
 
 /// The `tp_btf` programs: (program, tracepoint).
@@ -82,6 +88,8 @@ const KPROBE_PROGRAMS: [(&str, &str); 4] = [
 /// A loaded and attached set of programs.
 pub struct Tracer {
     ebpf: Ebpf,
+    /// The per-CPU event rings, until taken.
+    rings: Option<Vec<RingBuf<MapData>>>,
     /// The tracepoints attached, e.g. `sock:inet_sock_set_state`.
     pub tracepoints: Vec<String>,
     /// How the kernel's port search is hooked (`fexit`, `kprobe`), if it is.
@@ -113,6 +121,7 @@ impl Tracer {
         // The tp_btf hooks keep owners in the sockets themselves: the hash-map table is
         // then left at one entry rather than --max-sockets preallocated ones.
         let tp_btf = opts.state_hooks == StateHooks::TpBtf;
+        let rings = RingLayout::new(opts.ring_buffer_bytes, possible_cpus()?, page_size());
         let mut ebpf = EbpfLoader::new()
             .override_global("SOCK_STATE_LAYOUT", &state_layout, true)
             .override_global("RESET_LAYOUT", &reset_layout, true)
@@ -125,14 +134,15 @@ impl Tracer {
                 "WAKEUP_BYTES",
                 &opts
                     .wakeup_bytes
-                    .unwrap_or_else(|| wakeup_bytes(opts.ring_buffer_bytes))
-                    .min(opts.ring_buffer_bytes / 2),
+                    .unwrap_or_else(|| wakeup_bytes(rings.bytes_each))
+                    .min(rings.bytes_each / 2),
                 true,
             )
-            .map_max_entries("EVENTS", opts.ring_buffer_bytes)
+            .override_global("EVENT_RING_COUNT", &rings.count, true)
             .map_max_entries("SOCKETS", if tp_btf { 1 } else { opts.max_sockets })
             .load(EBPF_OBJECT)
             .context("failed to load the eBPF programs into the kernel")?;
+        let event_rings = create_event_rings(&mut ebpf, rings)?;
 
         let mut tracepoints = Vec::new();
         let with_reset = reset_layout.present != 0;
@@ -151,8 +161,17 @@ impl Tracer {
                 tracepoints.push("tp_btf:tcp:tcp_receive_reset".to_owned());
             }
         } else {
-            attach_tracepoint(&mut ebpf, "inet_sock_set_state", "sock", "inet_sock_set_state")?;
+            // Offsets compiled in where the record has the usual layout.
+            let program = if state_layout == SockStateLayout::USUAL
+                && opts.state_hooks != StateHooks::TracepointAnyLayout
+            {
+                "inet_sock_set_state"
+            } else {
+                "inet_sock_set_state_any_layout"
+            };
+            attach_tracepoint(&mut ebpf, program, "sock", "inet_sock_set_state")?;
             tracepoints.push("sock:inet_sock_set_state".to_owned());
+            log::debug!("state hook: {program}");
             if with_reset {
                 attach_tracepoint(&mut ebpf, "tcp_receive_reset", "tcp", "tcp_receive_reset")?;
                 tracepoints.push("tcp:tcp_receive_reset".to_owned());
@@ -185,13 +204,12 @@ impl Tracer {
         }
         let port_search = attach_port_search(&mut ebpf, opts.port_search_hooks)?;
         let sweeper = if tp_btf { None } else { Some(start_sweeper(&mut ebpf, opts.max_sockets)?) };
-        Ok(Self { ebpf, tracepoints, port_search, _sweeper: sweeper })
+        Ok(Self { ebpf, rings: Some(event_rings), tracepoints, port_search, _sweeper: sweeper })
     }
 
-    /// The event ring buffer (can be taken once).
-    pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
-        let map = self.ebpf.take_map("EVENTS").context("the EVENTS map was already taken")?;
-        RingBuf::try_from(map).context("EVENTS is not a ring buffer")
+    /// The event rings, read as one stream (can be taken once).
+    pub fn take_events(&mut self) -> anyhow::Result<EventRings> {
+        EventRings::new(self.rings.take().context("the event rings were already taken")?)
     }
 
     /// Kernel-side diagnostics (aya-log), to be forwarded to the `log` crate.
@@ -228,6 +246,64 @@ impl Tracer {
         out[counters::SKIPPED_RUNS as usize] = skipped_runs();
         Ok(out)
     }
+}
+
+/// How the event ring buffers are laid out: one per CPU (CPUs beyond
+/// [`MAX_EVENT_RINGS`] share them), each an equal power-of-two share of the total.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingLayout {
+    pub count: u32,
+    pub bytes_each: u32,
+}
+
+impl RingLayout {
+    pub fn new(total_bytes: u32, cpus: u32, page_size: u32) -> Self {
+        let count = cpus.clamp(1, MAX_EVENT_RINGS);
+        let share = total_bytes / count;
+        // A ring buffer is a power-of-two number of pages.
+        let bytes_each = if share == 0 { 0 } else { 1 << share.ilog2() };
+        Self { count, bytes_each: bytes_each.max(page_size) }
+    }
+}
+
+fn possible_cpus() -> anyhow::Result<u32> {
+    aya::util::nr_cpus()
+        .map(std::num::NonZero::get)
+        .map_err(|(path, e)| anyhow::anyhow!("failed to read {path}: {e}"))
+}
+
+fn page_size() -> u32 {
+    // SAFETY: plain sysconf(3).
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(size).unwrap_or(4096)
+}
+
+/// Creates the event rings and puts them in `EVENT_RINGS`, where each CPU finds its own.
+fn create_event_rings(
+    ebpf: &mut Ebpf,
+    layout: RingLayout,
+) -> anyhow::Result<Vec<RingBuf<MapData>>> {
+    let map = ebpf.map_mut("EVENT_RINGS").context("the EVENT_RINGS map is missing")?;
+    let mut array: ArrayOfMaps<&mut MapData, RingBuf<MapData>> =
+        ArrayOfMaps::try_from(map).context("EVENT_RINGS is not an array of maps")?;
+    (0..layout.count)
+        .map(|i| {
+            let def = aya_obj::Map::new_from_params(
+                aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32,
+                0,
+                0,
+                layout.bytes_each,
+                0,
+            );
+            let data = MapData::create(def, &format!("EVENTS_{i}"), None).with_context(|| {
+                format!("failed to create event ring {i} of {} bytes", layout.bytes_each)
+            })?;
+            let ring = RingBuf::try_from(Map::RingBuf(data))
+                .context("a new ring buffer map is not a ring buffer")?;
+            array.set(i, &ring, 0).with_context(|| format!("failed to install event ring {i}"))?;
+            Ok(ring)
+        })
+        .collect()
 }
 
 fn start_sweeper(ebpf: &mut Ebpf, capacity: u32) -> anyhow::Result<Sweeper> {

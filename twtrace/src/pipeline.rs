@@ -11,6 +11,7 @@ use crate::{
     filter::Filter,
     model::Model,
     output::EventSink,
+    rings::EventRings,
     session::writer::RecordingWriter,
 };
 
@@ -58,14 +59,16 @@ impl Pipeline {
         }
     }
 
-    /// Handles every record waiting in the kernel's ring buffer, then flushes the output.
-    pub fn drain(
-        &mut self,
-        ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
-    ) -> anyhow::Result<()> {
-        while let Some(record) = ring.next() {
-            self.record(&record)?;
-        }
+    /// Handles the records the kernel's rings hold, as far as they can be put in time
+    /// order yet (see [`EventRings`]), then flushes the output.
+    pub fn drain(&mut self, rings: &mut EventRings) -> anyhow::Result<()> {
+        rings.drain(|record| self.record(record))?;
+        self.flush()
+    }
+
+    /// Handles every record the kernel's rings hold (at exit, before a snapshot).
+    pub fn drain_all(&mut self, rings: &mut EventRings) -> anyhow::Result<()> {
+        rings.drain_all(|record| self.record(record))?;
         self.flush()
     }
 

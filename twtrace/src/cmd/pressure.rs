@@ -26,6 +26,7 @@ use crate::{
         screen::{Key, Screen, SortBy, plain_table, sort_rows},
     },
     privileges,
+    rings::EventRings,
     session::{codec::Record, reader::RecordingReader},
 };
 
@@ -33,7 +34,7 @@ pub async fn top(args: TopArgs, verbose: u8) -> anyhow::Result<()> {
     privileges::check()?;
     privileges::warn_if_namespaces_hidden();
     let mut tracer = Tracer::start(&args.kernel.to_options(verbose))?;
-    // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, for as long as
+    // SAFETY: the event rings own their epoll fd and keep it open, unchanged, for as long as
     // the AsyncFd that registered it lives.
     let mut events = unsafe {
         AsyncFd::register_with_interest(tracer.take_events()?, tokio::io::Interest::READABLE)
@@ -122,7 +123,7 @@ pub async fn top(args: TopArgs, verbose: u8) -> anyhow::Result<()> {
             }
             _ = reconcile.tick() => {
                 // Events already waiting go first: the snapshot includes their effect.
-                seen += drain(events.get_mut(), &mut aggregator, &mut source, &args.netns);
+                seen += drain_all(events.get_mut(), &mut aggregator, &mut source, &args.netns);
                 snapshot(&mut aggregator, &args.netns);
             }
             _ = sigint.recv() => break,
@@ -174,25 +175,51 @@ struct Source {
     workloads: WorkloadFilter,
 }
 
+/// Feeds the aggregator the records the rings hold, as far as they can be put in time
+/// order yet; returns how many.
 fn drain(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    rings: &mut EventRings,
     aggregator: &mut Aggregator,
     source: &mut Source,
     netns: &[u32],
 ) -> u64 {
     let mut n = 0;
-    while let Some(record) = ring.next() {
+    let _ = rings.drain(|record| {
         n += 1;
-        match event::decode(&record) {
+        source.feed(record, aggregator, netns);
+        Ok(())
+    });
+    n
+}
+
+/// [`drain`], every record held included (before a snapshot).
+fn drain_all(
+    rings: &mut EventRings,
+    aggregator: &mut Aggregator,
+    source: &mut Source,
+    netns: &[u32],
+) -> u64 {
+    let mut n = 0;
+    let _ = rings.drain_all(|record| {
+        n += 1;
+        source.feed(record, aggregator, netns);
+        Ok(())
+    });
+    n
+}
+
+impl Source {
+    fn feed(&mut self, record: &[u8], aggregator: &mut Aggregator, netns: &[u32]) {
+        match event::decode(record) {
             Ok(mut e) => {
-                source.model.observe(&mut e);
+                self.model.observe(&mut e);
                 if !netns.is_empty() && !netns.contains(&e.netns()) {
-                    continue;
+                    return;
                 }
-                if !source.workloads.is_empty() {
+                if !self.workloads.is_empty() {
                     let cgroup = e.owner().map_or(0, |o| o.cgroup);
-                    if !source.resolver.matches(cgroup, &source.workloads) {
-                        continue;
+                    if !self.resolver.matches(cgroup, &self.workloads) {
+                        return;
                     }
                 }
                 aggregator.observe(&e);
@@ -200,7 +227,6 @@ fn drain(
             Err(e) => log::warn!("skipped a kernel record: {e}"),
         }
     }
-    n
 }
 
 pub fn report(args: ReportArgs) -> anyhow::Result<()> {

@@ -127,7 +127,7 @@ pub async fn serve(args: ServeArgs, verbose: u8) -> anyhow::Result<()> {
             }
             _ = snapshot_tick.tick() => {
                 // Events already waiting go first: the snapshot includes their effect.
-                pipeline.drain(events.get_mut())?;
+                pipeline.drain_all(events.get_mut())?;
                 snapshot(&shared, &mut pipeline)?;
             }
             _ = sighup.recv() => match current_filter(&args.filter, args.filters.as_deref()) {
@@ -142,7 +142,7 @@ pub async fn serve(args: ServeArgs, verbose: u8) -> anyhow::Result<()> {
         }
     }
     http.abort();
-    pipeline.drain(events.get_mut())?;
+    pipeline.drain_all(events.get_mut())?;
     pipeline.finish()?;
     eprintln!("{}", pipeline.summary());
     Ok(())

@@ -21,6 +21,7 @@ use crate::{
     output::{EventSink, Human, JsonLines},
     pipeline::Pipeline,
     privileges,
+    rings::EventRings,
     session::{header::Header, writer::RecordingWriter},
 };
 
@@ -81,7 +82,7 @@ async fn run(
     let mut events = unsafe {
         AsyncFd::register_with_interest(tracer.take_events()?, tokio::io::Interest::READABLE)
     }
-    .context("failed to poll the event ring buffer")?;
+    .context("failed to poll the event ring buffers")?;
 
     let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
@@ -138,8 +139,8 @@ async fn run(
             _ = sigterm.recv() => break,
         }
     }
-    // Events already in the ring buffer when the signal came are still delivered.
-    pipeline.drain(events.get_mut())?;
+    // Events already in the ring buffers when the signal came are still delivered.
+    pipeline.drain_all(events.get_mut())?;
     kernel_log.get_mut().flush();
     report_losses(&tracer, &mut pipeline)?;
     pipeline.finish()?;
@@ -151,14 +152,14 @@ async fn run(
 /// the ring buffer go first, so that `report` replays them before the snapshot that
 /// includes their effect.
 fn record_snapshots(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    rings: &mut EventRings,
     pipeline: &mut Pipeline,
     netns: &[u32],
 ) -> anyhow::Result<()> {
     if pipeline.recorder.is_none() {
         return Ok(());
     }
-    pipeline.drain(ring)?;
+    pipeline.drain_all(rings)?;
     for snapshot in crate::pressure::snapshots(netns) {
         if let Some(recorder) = &mut pipeline.recorder {
             recorder.netns(&snapshot)?;

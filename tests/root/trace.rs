@@ -51,6 +51,13 @@ pub fn trials() -> Vec<Trial> {
             more_sockets_than_the_table(Hooks::TpBtf)
         }),
         trial("trace::closed_sockets_are_swept_from_the_owner_table", closed_sockets_are_swept),
+        trial("trace::each_socket_transitions_arrive_in_order", || {
+            // Small wakeups: many reads, so many chances to split a socket's transitions.
+            transitions_in_order(&["--json", "--wakeup-bytes", "1024"])
+        }),
+        trial("trace::unbatched_with_wakeup_bytes_0_in_order", || {
+            transitions_in_order(&["--json", "--wakeup-bytes", "0"])
+        }),
         trial("trace::state_filter_time_wait_shows_only_time_wait", state_filter_time_wait),
         trial("trace::human_output_names_the_owner", human_output_names_the_owner),
         trial("trace::sigterm_detaches_and_exits_zero", sigterm_exits_zero),
@@ -316,6 +323,64 @@ fn closed_sockets_are_swept() {
     for pid in pids {
         let owned = events.iter().filter(|e| e["pid"] == pid).count();
         assert_eq!(owned, HELD, "TIME_WAIT of holder {pid}: {events:#?}");
+    }
+}
+
+/// 400 connections as fast as the processes go, server and client pinned to different
+/// CPUs: one socket's transitions happen on both (the server's FIN reaches the client's
+/// socket in a softirq on the server's CPU), so they reach userspace through different
+/// ring buffers and per-CPU batches. Every socket's transitions must still come out in
+/// order, each starting where the previous ended, and all of them must come.
+fn transitions_in_order(args: &[&str]) {
+    const COUNT: usize = 400;
+    let ns = Netns::new();
+    let inode = ns.inode().to_string();
+    let tracer = Tracer::start(&[&["--netns", inode.as_str()], args].concat());
+    let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0);
+    let (mut server, port) = scenario::spawn_server(&ns.path(), addr, COUNT, Closer::Server);
+    pin_to_cpu(server.id(), 0);
+    let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+    let mut client = scenario::spawn_client(&ns.path(), addr, COUNT, Closer::Server, false);
+    pin_to_cpu(client.id(), 1);
+    wait_ok(&mut client, "client");
+    wait_ok(&mut server, "server");
+    ns.wait_for_time_wait(COUNT);
+    let out = tracer.stop();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(" 0 lost"), "events were lost: {stderr}");
+    let events = json_lines(&out.stdout);
+    let connection_events = events.iter().filter(|e| e["kind"] != "state" || e["dport"] != 0);
+    // Ten transitions per connection: the listener's own two aside.
+    assert_eq!(connection_events.count(), 10 * COUNT, "events for port {port}");
+    assert_each_socket_in_order(&events);
+}
+
+/// Moves a process to one CPU (the machines this runs on have at least two).
+fn pin_to_cpu(pid: u32, cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET stays within it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(pid as libc::pid_t, size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(rc, 0, "pin {pid} to CPU {cpu}: {}", std::io::Error::last_os_error());
+}
+
+/// Each socket's events chain: a transition starts in the state the previous one ended
+/// in, unless it starts a new life of the socket address (leaving CLOSE, or a connection
+/// cloned from its listener).
+fn assert_each_socket_in_order(events: &[Value]) {
+    let mut last_state: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    for e in events {
+        let sk = e["skaddr"].as_str().expect("skaddr");
+        let (old, new) = (e["old_state"].as_str().unwrap(), e["new_state"].as_str().unwrap());
+        let new_life = old == "CLOSE" || (old == "LISTEN" && new == "SYN_RECV");
+        if let Some(prev) = last_state.get(sk)
+            && !new_life
+        {
+            assert_eq!(*prev, old, "socket {sk} out of order at {e}");
+        }
+        last_state.insert(sk, new);
     }
 }
 

@@ -17,6 +17,15 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// Bytes of an event of this kind: a ring-buffer record may carry several events
+    /// back to back (the state hook's per-CPU batches).
+    pub const fn event_size(self) -> usize {
+        match self {
+            Self::State | Self::TimeWait => size_of::<SockStateEvent>(),
+            Self::ConnectError | Self::BindError => size_of::<FailureEvent>(),
+        }
+    }
+
     pub const fn from_u8(v: u8) -> Option<Self> {
         match v {
             1 => Some(Self::State),

@@ -9,6 +9,7 @@ pub mod config;
 pub mod counters;
 pub mod event;
 pub mod socket_table;
+pub mod staging;
 pub mod tcp;
 
 pub use event::{

@@ -9,6 +9,7 @@ mod kernel;
 mod maps;
 mod port_search;
 mod sock_state;
+mod staging;
 mod tcp_reset;
 
 #[cfg(not(test))]

@@ -18,6 +18,7 @@ use twtrace_common::{
         SockStateLayout, SyscallLayout,
     },
     counters,
+    staging::Staging,
 };
 
 /// One ring buffer of events.
@@ -79,6 +80,10 @@ pub fn wakeup_flags(size: usize) -> u64 {
 // From include/uapi/linux/bpf.h.
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
+/// This CPU's batch of state events on their way to its ring (see `staging`).
+#[map]
+pub static STAGING: PerCpuArray<Staging> = PerCpuArray::with_max_entries(1, 0);
 
 /// What the kernel side could not do, per CPU (see `twtrace_common::counters`).
 #[map]
@@ -294,9 +299,14 @@ pub const fn listener_key(netns: u32, port: u16) -> u64 {
 
 #[inline(always)]
 pub fn count(index: u32) {
+    count_n(index, 1);
+}
+
+#[inline(always)]
+pub fn count_n(index: u32, n: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
-        unsafe { *slot += 1 };
+        unsafe { *slot += n };
     }
 }
 

@@ -41,6 +41,7 @@ use crate::{
         SOCK_STATE_LAYOUT, SocketByAddress, SocketStorage, SocketTable, TAKEN_ERRORS,
         UNREPORTED_FAILURES, count, event_ring, listener_key, wakeup_flags,
     },
+    staging::send_state_event,
 };
 
 /// The classic tracepoint on kernels with the usual record layout (Linux 5.6+).
@@ -249,15 +250,7 @@ fn handle_transition<C: EbpfContext>(ctx: &C, t: &Transition, table: &impl Socke
         EventKind::State
     };
 
-    let Some(ring) = event_ring() else {
-        count(counters::RINGBUF_FULL);
-        return;
-    };
-    let Some(mut entry) = ring.reserve_untyped::<SockStateEvent>(0) else {
-        count(counters::RINGBUF_FULL);
-        return;
-    };
-    entry.write(SockStateEvent {
+    send_state_event(&SockStateEvent {
         header: header(kind, SockStateEvent::VERSION, now),
         skaddr: t.skaddr,
         prev_state_ns,
@@ -273,7 +266,6 @@ fn handle_transition<C: EbpfContext>(ctx: &C, t: &Transition, table: &impl Socke
         saddr: t.saddr,
         daddr: t.daddr,
     });
-    entry.submit(wakeup_flags(size_of::<SockStateEvent>()));
 }
 
 #[inline(always)]

@@ -8,6 +8,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{ArrayOfMaps, HashMap, Map, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, FExit, KProbe, RawTracePoint, TracePoint},
+    util::KernelVersion,
 };
 use twtrace_common::{
     config::{
@@ -16,7 +17,12 @@ use twtrace_common::{
     counters,
 };
 
-use crate::{kernel_btf, rings::EventRings, socket_table::Sweeper, tracefs};
+use crate::{
+    kernel_btf,
+    rings::{Batches, EventRings},
+    socket_table::Sweeper,
+    tracefs,
+};
 
 /// The compiled eBPF object, cross-built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twtrace"));
@@ -88,8 +94,8 @@ const KPROBE_PROGRAMS: [(&str, &str); 4] = [
 /// A loaded and attached set of programs.
 pub struct Tracer {
     ebpf: Ebpf,
-    /// The per-CPU event rings, until taken.
-    rings: Option<Vec<RingBuf<MapData>>>,
+    /// The per-CPU event rings and the state hook's batches, until taken.
+    rings: Option<(Vec<RingBuf<MapData>>, Option<Batches>)>,
     /// The tracepoints attached, e.g. `sock:inet_sock_set_state`.
     pub tracepoints: Vec<String>,
     /// How the kernel's port search is hooked (`fexit`, `kprobe`), if it is.
@@ -122,6 +128,11 @@ impl Tracer {
         // then left at one entry rather than --max-sockets preallocated ones.
         let tp_btf = opts.state_hooks == StateHooks::TpBtf;
         let rings = RingLayout::new(opts.ring_buffer_bytes, possible_cpus()?, page_size());
+        let wakeup_bytes = opts.wakeup_bytes.unwrap_or_else(|| wakeup_bytes(rings.bytes_each));
+        // Batches are flushed by running a program on a chosen CPU (Linux 5.10+), and
+        // would delay the wakeup asked for each event.
+        let batch = wakeup_bytes != 0
+            && aya::util::KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 10, 0));
         let mut ebpf = EbpfLoader::new()
             .override_global("SOCK_STATE_LAYOUT", &state_layout, true)
             .override_global("RESET_LAYOUT", &reset_layout, true)
@@ -130,19 +141,14 @@ impl Tracer {
             .override_global("GETSOCKOPT_LAYOUT", &getsockopt_layout.unwrap_or_default(), true)
             .override_global("KERNEL_LAYOUT", &kernel_layout, true)
             .override_global("AYA_LOG_LEVEL", &opts.kernel_log_level, false)
-            .override_global(
-                "WAKEUP_BYTES",
-                &opts
-                    .wakeup_bytes
-                    .unwrap_or_else(|| wakeup_bytes(rings.bytes_each))
-                    .min(rings.bytes_each / 2),
-                true,
-            )
+            .override_global("WAKEUP_BYTES", &wakeup_bytes.min(rings.bytes_each / 2), true)
+            .override_global("BATCH_EVENTS", &u32::from(batch), true)
             .override_global("EVENT_RING_COUNT", &rings.count, true)
             .map_max_entries("SOCKETS", if tp_btf { 1 } else { opts.max_sockets })
             .load(EBPF_OBJECT)
             .context("failed to load the eBPF programs into the kernel")?;
         let event_rings = create_event_rings(&mut ebpf, rings)?;
+        let batches = if batch { Some(batches(&mut ebpf)?) } else { None };
 
         let mut tracepoints = Vec::new();
         let with_reset = reset_layout.present != 0;
@@ -204,12 +210,19 @@ impl Tracer {
         }
         let port_search = attach_port_search(&mut ebpf, opts.port_search_hooks)?;
         let sweeper = if tp_btf { None } else { Some(start_sweeper(&mut ebpf, opts.max_sockets)?) };
-        Ok(Self { ebpf, rings: Some(event_rings), tracepoints, port_search, _sweeper: sweeper })
+        Ok(Self {
+            ebpf,
+            rings: Some((event_rings, batches)),
+            tracepoints,
+            port_search,
+            _sweeper: sweeper,
+        })
     }
 
     /// The event rings, read as one stream (can be taken once).
     pub fn take_events(&mut self) -> anyhow::Result<EventRings> {
-        EventRings::new(self.rings.take().context("the event rings were already taken")?)
+        let (rings, batches) = self.rings.take().context("the event rings were already taken")?;
+        EventRings::new(rings, batches)
     }
 
     /// Kernel-side diagnostics (aya-log), to be forwarded to the `log` crate.
@@ -304,6 +317,20 @@ fn create_event_rings(
             Ok(ring)
         })
         .collect()
+}
+
+/// The state hook's batches, and the program userspace runs to flush one.
+fn batches(ebpf: &mut Ebpf) -> anyhow::Result<Batches> {
+    let program: &mut RawTracePoint = program_mut(ebpf, "flush_staged_events")?;
+    program.load().context("failed to load the batch flush program")?;
+    let flush_program = program
+        .fd()
+        .context("the batch flush program has no descriptor")?
+        .try_clone()
+        .context("failed to duplicate the batch flush program's descriptor")?;
+    let staging = ebpf.take_map("STAGING").context("the STAGING map is missing")?;
+    let staging = PerCpuArray::try_from(staging).context("STAGING is not a per-CPU array")?;
+    Ok(Batches { staging, flush_program })
 }
 
 fn start_sweeper(ebpf: &mut Ebpf, capacity: u32) -> anyhow::Result<Sweeper> {

@@ -1,15 +1,19 @@
 //! The kernel's per-CPU event ring buffers as one time-ordered stream.
 //!
-//! Each CPU writes its own ring (no lock shared between CPUs on the hot path), so one
-//! socket's transitions, made on different CPUs, sit in different rings. Reading ring after
-//! ring would put them out of order whenever a drain falls between them; so records are
-//! held back until no ring can still deliver an older one, and released sorted by time.
+//! Each CPU writes its own ring (no lock shared between CPUs on the hot path), and the state
+//! hook first gathers events in a per-CPU batch (`twtrace_common::staging`), so one
+//! socket's transitions, made on different CPUs, reach userspace by different ways and at
+//! different times. Before each read, the batches are flushed; events are then held back
+//! until nothing older can still come, and released sorted by time.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
 
 use anyhow::Context as _;
-use aya::maps::{MapData, RingBuf};
-use twtrace_common::EventHeader;
+use aya::{
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::ProgramFd,
+};
+use twtrace_common::{EventHeader, EventKind, staging::Staging};
 
 use crate::clock::Clock;
 
@@ -23,10 +27,77 @@ pub struct EventRings {
     rings: Vec<RingBuf<MapData>>,
     epoll: OwnedFd,
     reorder: Reorder,
+    batches: Option<Batches>,
+}
+
+/// The state hook's per-CPU batches and the program that flushes one.
+pub struct Batches {
+    pub staging: PerCpuArray<MapData, Staging>,
+    pub flush_program: ProgramFd,
+}
+
+impl Batches {
+    /// Flushes every CPU's batch that holds events; returns the timestamp of the oldest
+    /// event still held (by a CPU whose batch was in use at that instant), if any.
+    fn flush(&self) -> Option<u64> {
+        let per_cpu = self.staging.get(&0, 0).ok()?;
+        let mut oldest_held: Option<u64> = None;
+        for (cpu, batch) in per_cpu.iter().enumerate() {
+            if batch.count == 0 {
+                continue;
+            }
+            let busy = match run_on_cpu(&self.flush_program, cpu as u32) {
+                Ok(ret) => ret != 0,
+                // An offline CPU (ENXIO): what it holds cannot come before it is back.
+                Err(e) => {
+                    log::debug!("cannot flush the event batch of CPU {cpu}: {e}");
+                    false
+                }
+            };
+            if busy {
+                // In use at that instant: what it holds now waits for the next read.
+                let held = self
+                    .staging
+                    .get(&0, 0)
+                    .ok()
+                    .and_then(|again| again.get(cpu).and_then(Staging::oldest_ns));
+                if let Some(ts) = held {
+                    oldest_held = Some(oldest_held.map_or(ts, |o| o.min(ts)));
+                }
+            }
+        }
+        oldest_held
+    }
+}
+
+/// Runs the flush program on `cpu` (`BPF_PROG_TEST_RUN` with `BPF_F_TEST_RUN_ON_CPU`: an
+/// interrupt on that CPU); returns the program's return value.
+fn run_on_cpu(program: &ProgramFd, cpu: u32) -> std::io::Result<u32> {
+    use aya_obj::generated::{BPF_F_TEST_RUN_ON_CPU, bpf_attr, bpf_cmd};
+    // SAFETY: an all-zero bpf_attr is valid for every command.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // Plain integers written into the union member this command reads.
+    attr.test.prog_fd = program.as_fd().as_raw_fd() as u32;
+    attr.test.flags = BPF_F_TEST_RUN_ON_CPU;
+    attr.test.cpu = cpu;
+    // SAFETY: bpf(2) with a valid attr of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_PROG_TEST_RUN as libc::c_long,
+            &raw mut attr,
+            size_of::<bpf_attr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled in the member it was given.
+    Ok(unsafe { attr.test.retval })
 }
 
 impl EventRings {
-    pub fn new(rings: Vec<RingBuf<MapData>>) -> anyhow::Result<Self> {
+    pub fn new(rings: Vec<RingBuf<MapData>>, batches: Option<Batches>) -> anyhow::Result<Self> {
         // SAFETY: plain epoll_create1(2); the descriptor is owned from here on.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
@@ -50,17 +121,18 @@ impl EventRings {
                     .with_context(|| format!("failed to poll event ring {i}"));
             }
         }
-        Ok(Self { rings, epoll, reorder: Reorder::default() })
+        Ok(Self { rings, epoll, reorder: Reorder::default(), batches })
     }
 
-    /// Hands `handle` every record that no ring can still precede, in time order.
+    /// Hands `handle` every event that nothing can still precede, in time order.
     pub fn drain(&mut self, handle: impl FnMut(&[u8]) -> anyhow::Result<()>) -> anyhow::Result<()> {
         let now = Clock::monotonic_now_ns();
-        self.take_all();
-        self.reorder.release(now.saturating_sub(HOLD_BACK_NS), handle)
+        let held = self.take_all();
+        let mark = now.saturating_sub(HOLD_BACK_NS).min(held.map_or(u64::MAX, |ts| ts - 1));
+        self.reorder.release(mark, handle)
     }
 
-    /// Hands `handle` every record waiting, held back or not, in time order: at exit, and
+    /// Hands `handle` every event waiting, held back or not, in time order: at exit, and
     /// before a snapshot of the kernel's sockets, which must follow every event before it.
     pub fn drain_all(
         &mut self,
@@ -70,13 +142,37 @@ impl EventRings {
         self.reorder.release(u64::MAX, handle)
     }
 
-    fn take_all(&mut self) {
+    /// Flushes the batches, then moves every event out of the rings; returns the oldest
+    /// event a batch still holds.
+    fn take_all(&mut self) -> Option<u64> {
+        let held = self.batches.as_ref().and_then(Batches::flush);
         for ring in &mut self.rings {
             while let Some(record) = ring.next() {
-                self.reorder.push(&record);
+                for event in split_events(&record) {
+                    self.reorder.push(event);
+                }
             }
         }
+        held
     }
+}
+
+/// The events of one ring-buffer record (a batch holds several, back to back). An event
+/// of unknown kind takes the rest of the record, to be reported undecodable.
+pub fn split_events(mut record: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        if record.is_empty() {
+            return None;
+        }
+        let size = record
+            .first()
+            .and_then(|&kind| EventKind::from_u8(kind))
+            .map_or(record.len(), EventKind::event_size)
+            .min(record.len());
+        let (event, rest) = record.split_at(size);
+        record = rest;
+        Some(event)
+    })
 }
 
 impl AsFd for EventRings {
@@ -230,6 +326,28 @@ mod tests {
         assert_eq!(released(&mut reorder, 10), [1]);
         reorder.push(&record(55, 7));
         assert_eq!(released(&mut reorder, 100), [9, 7, 8]);
+    }
+
+    #[test]
+    fn a_batch_record_splits_into_its_events() {
+        let mut batch = Vec::new();
+        for ts in [3u64, 4, 5] {
+            let mut event = vec![0u8; size_of::<twtrace_common::SockStateEvent>()];
+            event[0] = EventKind::State as u8;
+            event[8..16].copy_from_slice(&ts.to_ne_bytes());
+            batch.extend_from_slice(&event);
+        }
+        let events: Vec<&[u8]> = split_events(&batch).collect();
+        assert_eq!(events.len(), 3);
+        assert!(events.iter().all(|e| e.len() == 112));
+        assert_eq!(timestamp(events[2]), 5);
+    }
+
+    #[test]
+    fn an_unknown_kind_takes_the_rest_of_the_record() {
+        let record = [0xee_u8; 40];
+        let events: Vec<&[u8]> = split_events(&record).collect();
+        assert_eq!(events, [&record[..]]);
     }
 
     #[test]

@@ -55,6 +55,31 @@ impl Netns {
         }
     }
 
+    /// Waits (bounded) until every connection in the namespace is over: only TIME_WAIT
+    /// and listening sockets left (a LAST_ACK socket waits for the final ACK, which a slow
+    /// machine may process after the processes exited).
+    pub fn wait_until_settled(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let sockets = self.kernel_sockets();
+            // State is the 4th column, in hex: 06 = TIME_WAIT, 0A = LISTEN.
+            let busy = sockets
+                .iter()
+                .filter(|l| !matches!(l.split_whitespace().nth(3), Some("06" | "0A")))
+                .count();
+            if busy == 0 {
+                std::thread::sleep(Duration::from_millis(100));
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{busy} connections still open after 20 s:\n{}",
+                sockets.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// TIME_WAIT sockets in the namespace, as the kernel lists them.
     pub fn time_wait_count(&self) -> usize {
         // State is the 4th column, in hex: 06 = TIME_WAIT.
@@ -325,6 +350,17 @@ pub fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
 }
 
 /// Waits for a child with a deadline, asserting success, and returns its stdout.
+/// Whether this kernel counts the runs of classic tracepoint programs it skips (a
+/// tracepoint firing inside another BPF program on the same CPU): Linux 6.7 and later.
+/// Before, such events are lost without a trace (twtrace finds the ones in the middle of
+/// a socket's transitions as gaps, not the last).
+pub fn kernel_counts_skipped_runs() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (6, 7)
+}
+
 pub fn wait_output(mut child: Child, what: &str) -> String {
     wait_ok(&mut child, what);
     let mut out = String::new();

@@ -173,8 +173,12 @@ impl Pipeline {
 
     pub fn summary(&self) -> String {
         let t = &self.tally;
+        let gaps = match self.model.as_ref().map_or(0, Model::gaps) {
+            0 => String::new(),
+            n => format!(", {n} gaps (transitions the kernel skipped without counting)"),
+        };
         format!(
-            "twtrace: {} events ({} time_wait, {} failures), {} shown, {} lost, {} undecodable",
+            "twtrace: {} events ({} time_wait, {} failures), {} shown, {} lost, {} undecodable{gaps}",
             t.seen,
             t.time_wait,
             t.failures,

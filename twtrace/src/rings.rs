@@ -138,7 +138,14 @@ impl EventRings {
         &mut self,
         handle: impl FnMut(&[u8]) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
-        self.take_all();
+        // A batch in use at the flush is flushed by the program using it within
+        // microseconds, or by the next try.
+        for _ in 0..3 {
+            if self.take_all().is_none() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         self.reorder.release(u64::MAX, handle)
     }
 

@@ -3,7 +3,8 @@
 //! program when it fires inside another BPF program on the same CPU (a softirq nested in
 //! a program run) without counting it anywhere; this is how such losses still show.
 
-use std::collections::HashMap;
+// foldhash: randomly seeded like std's hasher, and much faster on these small keys.
+use foldhash::HashMap;
 
 use twtrace_common::tcp::{TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV};
 

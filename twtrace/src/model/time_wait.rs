@@ -1,10 +1,10 @@
 //! TIME_WAIT sockets per destination, as seen by twtrace since it started: each
 //! `time_wait` event counts for 60 s (TCP_TIMEWAIT_LEN, fixed on Linux).
 
-use std::{
-    collections::{HashMap, VecDeque},
-    net::IpAddr,
-};
+use std::{collections::VecDeque, net::IpAddr};
+
+// foldhash: randomly seeded like std's hasher, and much faster on these small keys.
+use foldhash::HashMap;
 
 use crate::event::{Event, StateChange};
 

@@ -460,7 +460,7 @@ pub struct KernelArgs {
 
     /// How to hook TCP state changes: `tracepoint` keeps owners in a table of
     /// --max-sockets entries (cheapest); `tp-btf` keeps each in its socket (Linux 5.11+: no
-    /// table to size, for hosts with more live sockets than that; ~50 ns more per change).
+    /// table to size, for hosts with more live sockets than that; ~150 ns more per change).
     #[arg(long, value_name = "HOOKS", value_enum, default_value_t = StateHooks::Tracepoint)]
     pub state_hooks: StateHooks,
 

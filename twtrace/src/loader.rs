@@ -67,7 +67,7 @@ pub enum StateHooks {
     Tracepoint,
     /// BTF tracepoints keeping each socket's owner in the socket itself (socket storage,
     /// Linux 5.11+): no table to size, memory follows the live sockets; creating the
-    /// storage makes a state change ~50 ns dearer (docs/benchmarks.md).
+    /// storage makes a state change ~150 ns dearer (docs/benchmarks.md).
     TpBtf,
     /// The classic tracepoint reading its record at the offsets of the format file, as it
     /// does by itself on kernels whose record differs from Linux 5.6+'s (for tests).

@@ -155,10 +155,9 @@ fn time_wait_scenario(ip: IpAddr, closer: Closer, hooks: Hooks) {
             ["FIN_WAIT1", "FIN_WAIT2", "CLOSING"].contains(&e["old_state"].as_str().unwrap_or(""))
         })
         .collect();
-    assert_eq!(
+    assert_per_connection(
         time_waits.len(),
-        CONNECTIONS,
-        "time_wait events; the closing transitions were: {closings:#?}"
+        &format!("time_wait events; the closing transitions were: {closings:#?}"),
     );
     for e in &time_waits {
         assert_eq!(e["pid"], owner_pid, "wrong owner: {e}");
@@ -183,16 +182,27 @@ fn time_wait_scenario(ip: IpAddr, closer: Closer, hooks: Hooks) {
         .filter(|e| e["old_state"] == "CLOSE" && e["new_state"] == "SYN_SENT")
         .inspect(|e| assert_eq!(e["pid"], client_pid, "{e}"))
         .count();
-    assert_eq!(connects, CONNECTIONS);
+    assert_per_connection(connects, "connects");
     // ...and the server's half, handled in softirq context before the server acted on
     // it, is attributed to the listener's process, never to the client that was running.
     let passive_close = if closer == Closer::Client { "CLOSE_WAIT" } else { "FIN_WAIT2" };
     let server_side: Vec<&Value> =
         events.iter().filter(|e| e["sport"] == port && e["new_state"] == passive_close).collect();
-    assert_eq!(server_side.len(), CONNECTIONS, "{server_side:#?}");
+    assert_per_connection(server_side.len(), &format!("{server_side:#?}"));
     for e in server_side {
         assert_eq!(e["pid"], server_pid, "server-side transition misattributed: {e}");
     }
+}
+
+/// Checks that `seen` events came for [`CONNECTIONS`] connections: all of them, or on kernels
+/// before 6.7 one fewer: those skip the state hook without counting it when it fires
+/// inside another BPF program on the same CPU (a softirq run on an interrupt's exit), and
+/// when that takes a connection's last transitions nothing shows, not even a gap. Seen
+/// once in the 6.1 guest: one connection's FIN_WAIT1 -> FIN_WAIT2 and -> TIME_WAIT
+/// missing, with 5 TIME_WAIT sockets in the kernel and "0 lost".
+fn assert_per_connection(seen: usize, what: &str) {
+    let allowed = if support::kernel_counts_skipped_runs() { 0 } else { 1 };
+    assert!(seen <= CONNECTIONS && seen + allowed >= CONNECTIONS, "{seen} of {CONNECTIONS} {what}");
 }
 
 /// A reset received in FIN_WAIT2 closes the socket without TIME_WAIT: the reset hook must
@@ -362,7 +372,13 @@ fn transitions_in_order(args: &[&str]) {
         e["new_state"] == "LISTEN" || (e["old_state"] == "LISTEN" && e["new_state"] == "CLOSE")
     };
     let connection_events: Vec<&Value> = events.iter().filter(|e| !listener_own(e)).collect();
-    if connection_events.len() != 10 * COUNT {
+    // Kernels before 6.7 may skip runs without counting them (see assert_per_connection):
+    // there a few may be missing, and the order check allows as many breaks as twtrace
+    // reported gaps. 6.12 and 6.18 check it all strictly.
+    let strict = support::kernel_counts_skipped_runs();
+    let allowed_missing = if strict { 0 } else { COUNT / 10 };
+    let seen = connection_events.len();
+    if seen > 10 * COUNT || seen + allowed_missing < 10 * COUNT {
         let mut by_transition = std::collections::BTreeMap::new();
         for e in &connection_events {
             let key = format!("{} -> {} ({})", e["old_state"], e["new_state"], e["comm"]);
@@ -373,7 +389,29 @@ fn transitions_in_order(args: &[&str]) {
             connection_events.len()
         );
     }
-    assert_each_socket_in_order(&events);
+    let breaks = chain_breaks(&events);
+    let allowed_breaks = if strict { 0 } else { summary_gaps(&stderr) };
+    assert!(
+        breaks.len() <= allowed_breaks,
+        "out of order: {:#?}\n{stderr}",
+        &breaks[..breaks.len().min(5)]
+    );
+}
+
+/// The gaps twtrace's exit summary reports (0 when it names none).
+fn summary_gaps(stderr: &str) -> usize {
+    stderr
+        .lines()
+        .find_map(|l| {
+            l.split(" gaps (")
+                .next()
+                .filter(|_| l.contains(" gaps ("))?
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 /// Moves a process to one CPU (the machines this runs on have at least two).
@@ -387,22 +425,25 @@ fn pin_to_cpu(pid: u32, cpu: usize) {
     assert_eq!(rc, 0, "pin {pid} to CPU {cpu}: {}", std::io::Error::last_os_error());
 }
 
-/// Each socket's events chain: a transition starts in the state the previous one ended
-/// in, unless it starts a new life of the socket address (leaving CLOSE, or a connection
-/// cloned from its listener).
-fn assert_each_socket_in_order(events: &[Value]) {
+/// Where each socket's events fail to chain: a transition starts in the state the previous
+/// one ended in, unless it starts a new life of the socket address (leaving CLOSE, or a
+/// connection cloned from its listener).
+fn chain_breaks(events: &[Value]) -> Vec<String> {
     let mut last_state: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    let mut breaks = Vec::new();
     for e in events {
         let sk = e["skaddr"].as_str().expect("skaddr");
         let (old, new) = (e["old_state"].as_str().unwrap(), e["new_state"].as_str().unwrap());
         let new_life = old == "CLOSE" || (old == "LISTEN" && new == "SYN_RECV");
         if let Some(prev) = last_state.get(sk)
             && !new_life
+            && *prev != old
         {
-            assert_eq!(*prev, old, "socket {sk} out of order at {e}");
+            breaks.push(format!("socket {sk} was {prev}, then {e}"));
         }
         last_state.insert(sk, new);
     }
+    breaks
 }
 
 /// The events twtrace's exit summary counts as lost.

@@ -1,5 +1,6 @@
-//! Maps and load-time globals shared by the hooks: the event ring buffer, the socket
-//! table (owner and last transition per socket), the listener table and the counters.
+//! Maps and load-time globals shared by the hooks: the per-CPU event ring buffers and
+//! batches, the socket table (owner and last transition per socket), the listener table
+//! and the counters.
 
 use core::ffi::c_void;
 

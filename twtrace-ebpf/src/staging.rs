@@ -5,6 +5,8 @@
 //! (its lock, the positions the reader also touches), whatever the record's size; eight
 //! events per reservation cut that to an eighth.
 
+use core::sync::atomic::{Ordering, compiler_fence};
+
 use aya_ebpf::{Global, macros::raw_tracepoint, programs::RawTracePointContext};
 use twtrace_common::{
     SockStateEvent, counters,
@@ -40,6 +42,8 @@ pub fn send_state_event(event: &SockStateEvent) {
             return;
         }
         busy.write_volatile(1);
+        // The batch is touched only between the flag's two writes.
+        compiler_fence(Ordering::SeqCst);
         let held = (*staging).count as usize;
         if let Some(slot) = (*staging).events.get_mut(held) {
             *slot = *event;
@@ -48,6 +52,7 @@ pub fn send_state_event(event: &SockStateEvent) {
         if held + 1 >= STAGED_EVENTS {
             flush(staging);
         }
+        compiler_fence(Ordering::SeqCst);
         busy.write_volatile(0);
     }
 }
@@ -105,7 +110,9 @@ pub fn flush_staged_events(_ctx: RawTracePointContext) -> i32 {
             return 1;
         }
         busy.write_volatile(1);
+        compiler_fence(Ordering::SeqCst);
         flush(staging);
+        compiler_fence(Ordering::SeqCst);
         busy.write_volatile(0);
     }
     0

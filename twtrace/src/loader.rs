@@ -330,7 +330,7 @@ fn batches(ebpf: &mut Ebpf) -> anyhow::Result<Batches> {
         .context("failed to duplicate the batch flush program's descriptor")?;
     let staging = ebpf.take_map("STAGING").context("the STAGING map is missing")?;
     let staging = PerCpuArray::try_from(staging).context("STAGING is not a per-CPU array")?;
-    Ok(Batches { staging, flush_program })
+    Ok(Batches { staging, flush_program, flush_failed: std::sync::atomic::AtomicBool::new(false) })
 }
 
 fn start_sweeper(ebpf: &mut Ebpf, capacity: u32) -> anyhow::Result<Sweeper> {

@@ -66,9 +66,15 @@ impl Pipeline {
         self.flush()
     }
 
-    /// Handles every record the kernel's rings hold (at exit, before a snapshot).
+    /// Handles every record the kernel's rings hold (before a snapshot).
     pub fn drain_all(&mut self, rings: &mut EventRings) -> anyhow::Result<()> {
         rings.drain_all(|record| self.record(record))?;
+        self.flush()
+    }
+
+    /// Handles every event left, in the rings or in the kernel's batches (at exit).
+    pub fn drain_at_exit(&mut self, rings: &mut EventRings) -> anyhow::Result<()> {
+        rings.drain_at_exit(|record| self.record(record))?;
         self.flush()
     }
 

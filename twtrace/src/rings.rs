@@ -34,6 +34,8 @@ pub struct EventRings {
 pub struct Batches {
     pub staging: PerCpuArray<MapData, Staging>,
     pub flush_program: ProgramFd,
+    /// A flush failed for another reason than an offline CPU (said once).
+    pub flush_failed: std::sync::atomic::AtomicBool,
 }
 
 impl Batches {
@@ -48,9 +50,16 @@ impl Batches {
             }
             let busy = match run_on_cpu(&self.flush_program, cpu as u32) {
                 Ok(ret) => ret != 0,
-                // An offline CPU (ENXIO): what it holds cannot come before it is back.
+                // An offline CPU: what it holds cannot come before it is back.
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => false,
                 Err(e) => {
-                    log::debug!("cannot flush the event batch of CPU {cpu}: {e}");
+                    if !self.flush_failed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        log::warn!(
+                            "cannot flush CPU {cpu}'s batch of events ({e}): its events wait \
+                             until the batch fills, or until exit; --wakeup-bytes 0 sends \
+                             every event at once"
+                        );
+                    }
                     false
                 }
             };
@@ -67,6 +76,27 @@ impl Batches {
             }
         }
         oldest_held
+    }
+
+    /// The events the batches still hold, copied out of the map: at exit only (a batch
+    /// flushed later would deliver them twice).
+    fn leftovers(&self) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        if let Ok(per_cpu) = self.staging.get(&0, 0) {
+            for batch in per_cpu.iter() {
+                let held = &batch.events[..(batch.count as usize).min(batch.events.len())];
+                for event in held {
+                    // SAFETY: SockStateEvent is plain data with explicit padding.
+                    bytes.extend_from_slice(unsafe {
+                        std::slice::from_raw_parts(
+                            std::ptr::from_ref(event).cast::<u8>(),
+                            size_of_val(event),
+                        )
+                    });
+                }
+            }
+        }
+        bytes
     }
 }
 
@@ -138,15 +168,33 @@ impl EventRings {
         &mut self,
         handle: impl FnMut(&[u8]) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
-        // A batch in use at the flush is flushed by the program using it within
-        // microseconds, or by the next try.
+        self.take_all_settled();
+        self.reorder.release(u64::MAX, handle)
+    }
+
+    /// [`Self::drain_all`] at exit: whatever a batch could not flush (in use, or the flush
+    /// failed) is taken from the batch itself, so nothing stays behind.
+    pub fn drain_at_exit(
+        &mut self,
+        handle: impl FnMut(&[u8]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        self.take_all_settled();
+        let leftovers = self.batches.as_ref().map(Batches::leftovers).unwrap_or_default();
+        for event in split_events(&leftovers) {
+            self.reorder.push(event);
+        }
+        self.reorder.release(u64::MAX, handle)
+    }
+
+    /// [`Self::take_all`], tried again while a batch was in use: the program using it
+    /// flushes it within microseconds, or the next try does.
+    fn take_all_settled(&mut self) {
         for _ in 0..3 {
             if self.take_all().is_none() {
-                break;
+                return;
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        self.reorder.release(u64::MAX, handle)
     }
 
     /// Flushes the batches, then moves every event out of the rings; returns the oldest

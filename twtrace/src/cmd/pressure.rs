@@ -77,11 +77,11 @@ pub async fn top(args: TopArgs, verbose: u8) -> anyhow::Result<()> {
         tokio::select! {
             guard = events.readable_mut() => {
                 let mut guard = guard.context("failed to wait for events")?;
-                seen += drain(guard.get_inner_mut(), &mut aggregator, &mut source, &args.netns);
+                seen += drain(guard.get_inner_mut(), false, &mut aggregator, &mut source, &args.netns);
                 guard.clear_ready();
             }
             _ = drain_tick.tick() => {
-                seen += drain(events.get_mut(), &mut aggregator, &mut source, &args.netns);
+                seen += drain(events.get_mut(), false, &mut aggregator, &mut source, &args.netns);
                 if let Some(s) = &mut screen {
                     match s.poll_key(Duration::ZERO)? {
                         Some(Key::Quit) => break,
@@ -94,7 +94,7 @@ pub async fn top(args: TopArgs, verbose: u8) -> anyhow::Result<()> {
                 }
             }
             _ = refresh.tick() => {
-                seen += drain(events.get_mut(), &mut aggregator, &mut source, &args.netns);
+                seen += drain(events.get_mut(), false, &mut aggregator, &mut source, &args.netns);
                 aggregator.tick(Clock::monotonic_now_ns());
                 let rate = (seen - seen_at_last_frame) as f64 / interval.as_secs_f64();
                 seen_at_last_frame = seen;
@@ -123,7 +123,7 @@ pub async fn top(args: TopArgs, verbose: u8) -> anyhow::Result<()> {
             }
             _ = reconcile.tick() => {
                 // Events already waiting go first: the snapshot includes their effect.
-                seen += drain_all(events.get_mut(), &mut aggregator, &mut source, &args.netns);
+                seen += drain(events.get_mut(), true, &mut aggregator, &mut source, &args.netns);
                 snapshot(&mut aggregator, &args.netns);
             }
             _ = sigint.recv() => break,
@@ -175,36 +175,22 @@ struct Source {
     workloads: WorkloadFilter,
 }
 
-/// Feeds the aggregator the records the rings hold, as far as they can be put in time
-/// order yet; returns how many.
+/// Feeds the aggregator the events the rings hold: as far as they can be put in time order
+/// yet, or all of them (`all`, before a snapshot); returns how many.
 fn drain(
     rings: &mut EventRings,
+    all: bool,
     aggregator: &mut Aggregator,
     source: &mut Source,
     netns: &[u32],
 ) -> u64 {
     let mut n = 0;
-    let _ = rings.drain(|record| {
+    let feed = |record: &[u8]| {
         n += 1;
         source.feed(record, aggregator, netns);
         Ok(())
-    });
-    n
-}
-
-/// [`drain`], every record held included (before a snapshot).
-fn drain_all(
-    rings: &mut EventRings,
-    aggregator: &mut Aggregator,
-    source: &mut Source,
-    netns: &[u32],
-) -> u64 {
-    let mut n = 0;
-    let _ = rings.drain_all(|record| {
-        n += 1;
-        source.feed(record, aggregator, netns);
-        Ok(())
-    });
+    };
+    let _ = if all { rings.drain_all(feed) } else { rings.drain(feed) };
     n
 }
 

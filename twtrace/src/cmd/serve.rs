@@ -142,7 +142,7 @@ pub async fn serve(args: ServeArgs, verbose: u8) -> anyhow::Result<()> {
         }
     }
     http.abort();
-    pipeline.drain_all(events.get_mut())?;
+    pipeline.drain_at_exit(events.get_mut())?;
     pipeline.finish()?;
     eprintln!("{}", pipeline.summary());
     Ok(())

@@ -140,7 +140,7 @@ async fn run(
         }
     }
     // Events already in the ring buffers when the signal came are still delivered.
-    pipeline.drain_all(events.get_mut())?;
+    pipeline.drain_at_exit(events.get_mut())?;
     kernel_log.get_mut().flush();
     report_losses(&tracer, &mut pipeline)?;
     pipeline.finish()?;

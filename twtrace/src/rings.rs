@@ -22,6 +22,9 @@ use crate::clock::Clock;
 /// slow emulated CPUs).
 pub const HOLD_BACK_NS: u64 = 10_000_000;
 
+/// A batch still in use after this long is not waited for.
+const STUCK_BATCH_NS: u64 = 1_000_000_000;
+
 /// The rings, polled through one epoll descriptor (readable when any ring is).
 pub struct EventRings {
     rings: Vec<RingBuf<MapData>>,
@@ -157,8 +160,11 @@ impl EventRings {
     /// Hands `handle` every event that nothing can still precede, in time order.
     pub fn drain(&mut self, handle: impl FnMut(&[u8]) -> anyhow::Result<()>) -> anyhow::Result<()> {
         let now = Clock::monotonic_now_ns();
-        let held = self.take_all();
-        let mark = now.saturating_sub(HOLD_BACK_NS).min(held.map_or(u64::MAX, |ts| ts - 1));
+        // What a batch still holds goes out before anything newer; unless it has been held
+        // for a second (then something is wrong with that batch: do not stall the rest).
+        let held = self.take_all().filter(|&ts| now.saturating_sub(ts) < STUCK_BATCH_NS);
+        let mark =
+            now.saturating_sub(HOLD_BACK_NS).min(held.map_or(u64::MAX, |ts| ts.saturating_sub(1)));
         self.reorder.release(mark, handle)
     }
 

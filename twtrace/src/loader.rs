@@ -128,10 +128,10 @@ impl Tracer {
         // then left at one entry rather than --max-sockets preallocated ones.
         let tp_btf = opts.state_hooks == StateHooks::TpBtf;
         let rings = RingLayout::new(opts.ring_buffer_bytes, possible_cpus()?, page_size());
-        let wakeup_bytes = opts.wakeup_bytes.unwrap_or_else(|| wakeup_bytes(rings.bytes_each));
+        let wakeup = opts.wakeup_bytes.unwrap_or_else(|| default_wakeup_bytes(rings.bytes_each));
         // Batches are flushed by running a program on a chosen CPU (Linux 5.10+), and
         // would delay the wakeup asked for each event.
-        let batch = wakeup_bytes != 0
+        let batch = wakeup != 0
             && aya::util::KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 10, 0));
         let mut ebpf = EbpfLoader::new()
             .override_global("SOCK_STATE_LAYOUT", &state_layout, true)
@@ -141,7 +141,7 @@ impl Tracer {
             .override_global("GETSOCKOPT_LAYOUT", &getsockopt_layout.unwrap_or_default(), true)
             .override_global("KERNEL_LAYOUT", &kernel_layout, true)
             .override_global("AYA_LOG_LEVEL", &opts.kernel_log_level, false)
-            .override_global("WAKEUP_BYTES", &wakeup_bytes.min(rings.bytes_each / 2), true)
+            .override_global("WAKEUP_BYTES", &wakeup.min(rings.bytes_each / 2), true)
             .override_global("BATCH_EVENTS", &u32::from(batch), true)
             .override_global("EVENT_RING_COUNT", &rings.count, true)
             .map_max_entries("SOCKETS", if tp_btf { 1 } else { opts.max_sockets })
@@ -579,7 +579,7 @@ fn skipped_runs() -> u64 {
 /// How much data waits in the ring buffer before the kernel wakes the reader: an eighth
 /// of it, at most 256 KiB (about 2,500 events), so the reader wakes a few times a second
 /// under load and never lets the buffer fill; [`DRAIN_EVERY`] bounds the delay otherwise.
-fn wakeup_bytes(ring_buffer_bytes: u32) -> u32 {
+fn default_wakeup_bytes(ring_buffer_bytes: u32) -> u32 {
     (ring_buffer_bytes / 8).min(256 * 1024)
 }
 

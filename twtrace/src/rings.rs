@@ -104,7 +104,9 @@ impl Batches {
 }
 
 /// Runs the flush program on `cpu` (`BPF_PROG_TEST_RUN` with `BPF_F_TEST_RUN_ON_CPU`: an
-/// interrupt on that CPU); returns the program's return value.
+/// interrupt on that CPU); returns the program's return value. The same call as aya's
+/// `RawTracePoint::test_run`, made on a duplicate of the program's descriptor: the
+/// program stays with the loaded object in `Tracer`, these rings live in the reader.
 fn run_on_cpu(program: &ProgramFd, cpu: u32) -> std::io::Result<u32> {
     use aya_obj::generated::{BPF_F_TEST_RUN_ON_CPU, bpf_attr, bpf_cmd};
     // SAFETY: an all-zero bpf_attr is valid for every command.

@@ -266,6 +266,24 @@ impl Tracer {
         self.stop_with(libc::SIGINT)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The nice value of each of twtrace's threads.
+    pub fn thread_nice_values(&self) -> Vec<i32> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid())).unwrap();
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+            .map(|stat| {
+                // Field 19 (nice); fields counted after the command name, which may hold
+                // spaces, end with ')'.
+                let after_comm = stat.rsplit_once(')').unwrap().1;
+                after_comm.split_whitespace().nth(16).unwrap().parse().unwrap()
+            })
+            .collect()
+    }
+
     /// How twtrace hooked the kernel's port search (`fexit`, `kprobe`, `none`), from its
     /// start-up line.
     pub fn port_search(&self) -> String {

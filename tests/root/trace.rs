@@ -61,6 +61,7 @@ pub fn trials() -> Vec<Trial> {
         trial("trace::state_filter_time_wait_shows_only_time_wait", state_filter_time_wait),
         trial("trace::human_output_names_the_owner", human_output_names_the_owner),
         trial("trace::sigterm_detaches_and_exits_zero", sigterm_exits_zero),
+        trial("trace::runs_at_its_nice_value_on_every_thread", runs_at_its_nice_value),
     ]
 }
 
@@ -499,4 +500,16 @@ fn sigterm_exits_zero() {
     assert!(out.status.success(), "{:?}", out.status);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("events ("), "no summary at exit: {stderr}");
+}
+
+/// twtrace yields the CPU to the services it traces by default (nice 10), on every thread:
+/// the reader and the owner-table sweeper alike.
+fn runs_at_its_nice_value() {
+    for (args, expected) in [(&["--port", "1"][..], 10), (&["--port", "1", "--nice", "-3"], -3)] {
+        let tracer = Tracer::start(args);
+        let nice = tracer.thread_nice_values();
+        tracer.stop();
+        assert!(nice.len() >= 2, "expected the reader and the sweeper threads: {nice:?}");
+        assert!(nice.iter().all(|&n| n == expected), "{args:?}: threads at {nice:?}");
+    }
 }

@@ -10,6 +10,7 @@ use crate::{
     filter::Filter,
     loader,
     loader::{PortSearchHooks, StateHooks},
+    priority,
     session::writer::Rotation,
 };
 
@@ -467,6 +468,15 @@ pub struct KernelArgs {
     /// Read kernel structure layouts from this BTF file instead of /sys/kernel/btf/vmlinux.
     #[arg(long, value_name = "FILE")]
     pub btf: Option<PathBuf>,
+
+    /// Nice value of twtrace's threads, from -20 (runs first) to 19 (runs last). The
+    /// default lets the traced services' threads run before twtrace's when both want a
+    /// CPU: tracing then delays them less, while the ring buffers hold the events (should
+    /// a starved twtrace ever fall behind, the lost events are counted and reported). 0
+    /// competes on equal terms.
+    #[arg(long, value_name = "N", default_value_t = priority::DEFAULT_NICE,
+          allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
+    pub nice: i32,
 }
 
 impl KernelArgs {

@@ -17,6 +17,7 @@ pub mod model;
 pub mod output;
 pub mod pipeline;
 pub mod pressure;
+pub mod priority;
 pub mod privileges;
 pub mod rings;
 pub mod session;

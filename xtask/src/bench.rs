@@ -1,7 +1,8 @@
 //! `bench`: twtrace against the tools people use today, side by side, on one machine in
 //! one run. A loopback connect/close storm runs in a private network namespace, untraced
 //! and under each tracer, interleaved over several rounds; the table reports medians as
-//! ratios to the untraced rate, per-run BPF cost, delivery and CPU. See docs/benchmarks.md.
+//! ratios to the untraced rate (paired round by round), per-run BPF cost, delivery and
+//! CPU. See docs/benchmarks.md.
 
 use std::{
     collections::BTreeMap,
@@ -34,17 +35,21 @@ enum Config {
     /// keeps them in a preallocated hash map).
     TwtraceTpBtf,
     TwtraceRecord,
+    /// `record` competing for the CPU on equal terms with the storm (twtrace's default
+    /// nice value lets the traced threads run first).
+    TwtraceRecordNice0,
     Tcpstates,
     Bpftrace,
 }
 
 impl Config {
-    const ALL: [Config; 7] = [
+    const ALL: [Config; 8] = [
         Config::Untraced,
         Config::TwtraceTrace,
         Config::TwtraceWakeEach,
         Config::TwtraceTpBtf,
         Config::TwtraceRecord,
+        Config::TwtraceRecordNice0,
         Config::Tcpstates,
         Config::Bpftrace,
     ];
@@ -56,15 +61,33 @@ impl Config {
             Config::TwtraceWakeEach => "twtrace trace --json --wakeup-bytes 0",
             Config::TwtraceTpBtf => "twtrace trace --json --state-hooks tp-btf",
             Config::TwtraceRecord => "twtrace record",
+            Config::TwtraceRecordNice0 => "twtrace record --nice 0",
             Config::Tcpstates => "tcpstates (libbpf-tools)",
             Config::Bpftrace => "bpftrace printf",
         }
     }
 }
 
+/// What a round measures. BPF statistics cost each program run two clock reads, which
+/// would count against the traced rates: rates come from rounds with them off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+enum Purpose {
+    #[default]
+    Rate,
+    BpfCost,
+}
+
+impl Purpose {
+    fn of_round(round: usize) -> Self {
+        if round.is_multiple_of(2) { Purpose::Rate } else { Purpose::BpfCost }
+    }
+}
+
 /// One measurement.
 #[derive(Clone, Debug, Default)]
 struct Sample {
+    round: usize,
+    purpose: Purpose,
     conn_per_s: f64,
     connections: u64,
     /// Events the tool delivered to userspace, when it says.
@@ -104,18 +127,25 @@ pub fn run(
         .with_context(|| format!("failed to create {}", scratch.display()))?;
 
     let ns = Netns::create()?;
-    let _stats = BpfStats::enable()?;
     let mut samples: BTreeMap<Config, Vec<Sample>> = BTreeMap::new();
     let total = rounds * Config::ALL.len();
     let mut done = 0;
     for round in 0..rounds {
+        let purpose = Purpose::of_round(round);
+        let _stats = if purpose == Purpose::BpfCost { Some(BpfStats::enable()?) } else { None };
         // Rotate the order every round so drift (thermal, caches) spreads over all configs.
         for i in 0..Config::ALL.len() {
             let config = Config::ALL[(i + round) % Config::ALL.len()];
             done += 1;
-            eprint!("bench: [{done}/{total}] round {} {:<26}", round + 1, config.name());
-            let sample = measure(config, &ns, &twtrace, &scratch, seconds)
+            let what = match purpose {
+                Purpose::Rate => "rate",
+                Purpose::BpfCost => "cost",
+            };
+            eprint!("bench: [{done}/{total}] round {} ({what}) {:<30}", round + 1, config.name());
+            let mut sample = measure(config, &ns, &twtrace, &scratch, seconds)
                 .with_context(|| format!("measuring {}", config.name()))?;
+            sample.round = round;
+            sample.purpose = purpose;
             eprintln!(" {:>8.0} conn/s", sample.conn_per_s);
             samples.entry(config).or_default().push(sample);
         }
@@ -389,9 +419,12 @@ fn measure(
             cmd.args(["trace", "--json", "--state-hooks", "tp-btf"]);
             Some(Tool::start(cmd, Ready::Line(|l| l.starts_with("twtrace: tracing")))?)
         }
-        Config::TwtraceRecord => {
+        Config::TwtraceRecord | Config::TwtraceRecordNice0 => {
             let mut cmd = Command::new(twtrace);
             cmd.args(["record", "-o"]).arg(&recording);
+            if config == Config::TwtraceRecordNice0 {
+                cmd.args(["--nice", "0"]);
+            }
             Some(Tool::start(cmd, Ready::Line(|l| l.starts_with("twtrace: tracing")))?)
         }
         Config::Tcpstates => {
@@ -431,12 +464,13 @@ fn measure(
         Config::TwtraceTrace
         | Config::TwtraceWakeEach
         | Config::TwtraceTpBtf
-        | Config::TwtraceRecord => {
+        | Config::TwtraceRecord
+        | Config::TwtraceRecordNice0 => {
             // "twtrace: N events (…), M shown, L lost, …"
             let summary = stderr.lines().find(|l| l.contains(" events (")).unwrap_or_default();
             sample.delivered = summary.split_whitespace().nth(1).and_then(|w| w.parse().ok());
             sample.lost = word_before(summary, "lost").map(|v| v as u64);
-            if config == Config::TwtraceRecord {
+            if matches!(config, Config::TwtraceRecord | Config::TwtraceRecordNice0) {
                 let recorded =
                     stderr.lines().find(|l| l.contains("bytes/event")).unwrap_or_default();
                 sample.bytes_per_event = word_before(recorded, "bytes/event)");
@@ -484,8 +518,12 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 /// Medians per configuration.
 struct Row {
     config: Config,
+    /// Over the rate rounds.
     conn_per_s: f64,
+    /// The median, lowest and highest of the rate rounds' ratios to the untraced rate of
+    /// the same round.
     ratio: f64,
+    ratio_range: (f64, f64),
     ns_per_run: Option<f64>,
     bpf_ns_per_connection: Option<f64>,
     delivered_ratio: Option<f64>,
@@ -507,15 +545,33 @@ impl Report {
                 samples.get(&config).map(|s| s.iter().filter_map(f).collect()).unwrap_or_default(),
             )
         };
-        let base = med(Config::Untraced, &|s| Some(s.conn_per_s)).unwrap_or(f64::NAN);
+        let rate = |s: &Sample| (s.purpose == Purpose::Rate).then_some(s.conn_per_s);
+        let untraced_by_round: BTreeMap<usize, f64> = samples
+            .get(&Config::Untraced)
+            .into_iter()
+            .flatten()
+            .filter_map(|s| Some((s.round, rate(s)?)))
+            .collect();
         let rows = Config::ALL
             .iter()
             .map(|&config| {
-                let conn_per_s = med(config, &|s| Some(s.conn_per_s)).unwrap_or(f64::NAN);
+                // Paired: each round's rate against the untraced rate of that round, so
+                // drift between rounds cancels out.
+                let ratios: Vec<f64> = samples
+                    .get(&config)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| Some(rate(s)? / untraced_by_round.get(&s.round)?))
+                    .collect();
+                let ratio_range =
+                    ratios.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &r| {
+                        (lo.min(r), hi.max(r))
+                    });
                 Row {
                     config,
-                    conn_per_s,
-                    ratio: conn_per_s / base,
+                    conn_per_s: med(config, &rate).unwrap_or(f64::NAN),
+                    ratio: median(ratios).unwrap_or(f64::NAN),
+                    ratio_range,
                     ns_per_run: med(config, &|s| s.ns_per_run),
                     bpf_ns_per_connection: med(config, &|s| s.bpf_ns_per_connection),
                     delivered_ratio: med(config, &|s| {
@@ -544,16 +600,20 @@ impl Report {
             v.map(|v| format!("{v:.prec$}")).unwrap_or_else(|| "-".into())
         };
         let mut out = format!(
-            "Loopback connect/close storm in a private netns, {seconds} s x {rounds} rounds, medians.\n\n\
+            "Loopback connect/close storm in a private netns, {seconds} s x {rounds} rounds (rates \
+             from the rounds without BPF statistics, BPF costs from the others), medians; \
+             vs untraced: median (lowest-highest) of the rounds' ratios.\n\n\
              | tool | conn/s | vs untraced | ns per BPF run | BPF ns per conn | delivered / expected | lost | skipped runs | user CPU ms per M events | CPU % of a core | bytes/event |\n\
              |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         );
         for r in &self.rows {
             out.push_str(&format!(
-                "| {} | {:.0} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {:.0} | {:.3} ({:.3}-{:.3}) | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 r.config.name(),
                 r.conn_per_s,
                 r.ratio,
+                r.ratio_range.0,
+                r.ratio_range.1,
                 opt(r.ns_per_run, 0),
                 opt(r.bpf_ns_per_connection, 0),
                 opt(r.delivered_ratio, 3),
@@ -576,6 +636,8 @@ impl Report {
                 "tool": r.config.name(),
                 "conn_per_s": r.conn_per_s,
                 "ratio_to_untraced": r.ratio,
+                "ratio_to_untraced_lowest": r.ratio_range.0,
+                "ratio_to_untraced_highest": r.ratio_range.1,
                 "ns_per_bpf_run": r.ns_per_run,
                 "bpf_ns_per_connection": r.bpf_ns_per_connection,
                 "delivered_ratio": r.delivered_ratio,
@@ -592,6 +654,43 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ratios_pair_each_rate_round_with_its_untraced_run() {
+        let sample = |round, purpose, conn_per_s, ns_per_run| Sample {
+            round,
+            purpose,
+            conn_per_s,
+            ns_per_run,
+            ..Sample::default()
+        };
+        let mut samples = BTreeMap::new();
+        samples.insert(
+            Config::Untraced,
+            vec![
+                sample(0, Purpose::Rate, 100.0, None),
+                sample(1, Purpose::BpfCost, 1000.0, None),
+                sample(2, Purpose::Rate, 200.0, None),
+            ],
+        );
+        samples.insert(
+            Config::TwtraceRecord,
+            vec![
+                sample(0, Purpose::Rate, 90.0, None),
+                // Slowed by the statistics: must not count as a rate.
+                sample(1, Purpose::BpfCost, 10.0, Some(250.0)),
+                sample(2, Purpose::Rate, 190.0, None),
+            ],
+        );
+        let report = Report::new(&samples);
+        let row = report.rows.iter().find(|r| r.config == Config::TwtraceRecord).unwrap();
+        assert!((row.ratio - 0.925).abs() < 1e-9, "{}", row.ratio);
+        assert_eq!(row.ratio_range, (0.9, 0.95));
+        assert_eq!(row.conn_per_s, 140.0);
+        assert_eq!(row.ns_per_run, Some(250.0));
+        let untraced = report.rows.iter().find(|r| r.config == Config::Untraced).unwrap();
+        assert_eq!(untraced.ratio, 1.0);
+    }
 
     #[test]
     fn medians() {

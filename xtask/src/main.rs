@@ -48,16 +48,16 @@ enum Task {
     Lint,
     /// Set up and build twtrace (release).
     Build,
-    /// Run the root integration tests inside Debian kernels booted under QEMU (TCG), one
-    /// kernel at a time, e.g. `vm-test --kernel 6.1 -- connect::`.
     /// Benchmark twtrace against tcpstates and bpftrace on a loopback connect/close storm
     /// (needs root; installs libbpf-tools, bpftrace, bpftool). See docs/benchmarks.md.
     Bench {
         /// Seconds of storm per measurement.
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
-        /// Rounds; each runs every configuration once, in a rotating order.
-        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        /// Rounds; each runs every configuration once, in a rotating order. Rounds alternate
+        /// between measuring rates (BPF statistics off, as in production) and measuring BPF
+        /// cost (`kernel.bpf_stats_enabled` on), so at least 2.
+        #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(2..=100))]
         rounds: u64,
         /// Where to write the results as JSON.
         #[arg(long, default_value = "target/bench/results.json")]
@@ -69,6 +69,8 @@ enum Task {
         #[arg(long)]
         seconds: f64,
     },
+    /// Run the root integration tests inside Debian kernels booted under QEMU (TCG), one
+    /// kernel at a time, e.g. `vm-test --kernel 6.1 -- connect::`.
     VmTest {
         /// Kernels to test, comma-separated or repeated: `6.1`, `6.12`, `all` (both), or
         /// `host` (this machine's kernel, natively, like `test`).

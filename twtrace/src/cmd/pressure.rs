@@ -25,13 +25,14 @@ use crate::{
         report::Sampler,
         screen::{Key, Screen, SortBy, plain_table, sort_rows},
     },
-    privileges,
+    priority, privileges,
     rings::EventRings,
     session::{codec::Record, reader::RecordingReader},
 };
 
 pub async fn top(args: TopArgs, verbose: u8) -> anyhow::Result<()> {
     privileges::check()?;
+    priority::set_nice(args.kernel.nice)?;
     privileges::warn_if_namespaces_hidden();
     let mut tracer = Tracer::start(&args.kernel.to_options(verbose))?;
     // SAFETY: the event rings own their epoll fd and keep it open, unchanged, for as long as

@@ -24,7 +24,7 @@ use crate::{
     model::Model,
     pipeline::Pipeline,
     pressure::aggregator::Aggregator,
-    privileges,
+    priority, privileges,
     session::{header::Header, writer::RecordingWriter},
 };
 
@@ -40,6 +40,7 @@ struct Shared {
 
 pub async fn serve(args: ServeArgs, verbose: u8) -> anyhow::Result<()> {
     privileges::check()?;
+    priority::set_nice(args.kernel.nice)?;
     privileges::warn_if_namespaces_hidden();
     let filter = current_filter(&args.filter, args.filters.as_deref())?;
     let clock = Clock::anchor_now();

@@ -20,7 +20,7 @@ use crate::{
     model::Model,
     output::{EventSink, Human, JsonLines},
     pipeline::Pipeline,
-    privileges,
+    priority, privileges,
     rings::EventRings,
     session::{header::Header, writer::RecordingWriter},
 };
@@ -61,6 +61,7 @@ async fn run(
     verbose: u8,
 ) -> anyhow::Result<()> {
     privileges::check()?;
+    priority::set_nice(kernel.nice)?;
     let clock = Clock::anchor_now();
     // The recording is created before anything is attached, so a bad path fails fast.
     let recorder = match recording {

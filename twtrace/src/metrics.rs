@@ -291,31 +291,22 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::pressure::view::{DestinationKey, ProcessShare};
+    use crate::pressure::view::ProcessShare;
 
     fn row(port: u16, time_wait: u64, headroom: f64) -> DestinationView {
-        DestinationView {
-            key: DestinationKey {
-                netns: 7,
-                saddr: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
-                daddr: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
-                dport: port,
-            },
+        let mut view = DestinationView {
             time_wait,
-            live: 0,
             range_size: Some(1000),
             headroom: Some(headroom),
             conn_per_sec: 10.0,
             time_wait_per_sec: 10.0,
             time_wait_entered: time_wait,
-            time_wait_expired: 0,
-            time_wait_reused: 0,
-            time_wait_killed: 0,
-            failures: 0,
-            eaddrnotavail: 0,
             processes: vec![ProcessShare { pid: 1, comm: "x".into(), connections: 1 }],
             forecast: Forecast::Exhausts { seconds: 12.5, steady_state_share: 1.2 },
-        }
+            ..DestinationView::example(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), port)
+        };
+        view.key.netns = 7;
+        view
     }
 
     #[test]

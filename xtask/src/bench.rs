@@ -68,6 +68,40 @@ impl Config {
     }
 }
 
+/// Where the storm and the tool run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Wherever the scheduler puts them, as in production: the storm's two threads wake
+    /// each other across CPUs, so its rate depends on how fast an idle vCPU wakes.
+    Free,
+    /// The storm's threads on CPU 0, the tool on CPU 1: the storm is then CPU-bound, and
+    /// the time a tool adds to each connection is the kernel-side work it does on the
+    /// storm's path (its programs, the hooks' own overhead), without wakeup effects or
+    /// competition from the tool's userspace.
+    Pinned,
+}
+
+impl Placement {
+    fn name(self) -> &'static str {
+        match self {
+            Placement::Free => "free",
+            Placement::Pinned => "pinned",
+        }
+    }
+
+    /// `program` run where this placement puts tools.
+    fn command(self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match self {
+            Placement::Free => Command::new(program),
+            Placement::Pinned => {
+                let mut cmd = Command::new("taskset");
+                cmd.args(["--cpu-list", "1"]).arg(program);
+                cmd
+            }
+        }
+    }
+}
+
 /// What a round measures. BPF statistics cost each program run two clock reads, which
 /// would count against the traced rates: rates come from rounds with them off.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -109,6 +143,7 @@ pub fn run(
     env: &setup::Env,
     seconds: f64,
     rounds: usize,
+    placement: Placement,
     json_out: &Path,
 ) -> anyhow::Result<()> {
     if !setup::is_root() {
@@ -120,6 +155,9 @@ pub fn run(
         &[("tcpstates", "libbpf-tools"), ("bpftrace", "bpftrace"), ("bpftool", "bpftool")],
         setup::Removals::Refuse,
     )?;
+    if placement == Placement::Pinned && std::thread::available_parallelism()?.get() < 2 {
+        bail!("--pin puts the storm on CPU 0 and the tool on CPU 1: this machine has one CPU");
+    }
     crate::cargo(root, env, &["build", "--release", "--package", "twtrace"])?;
     let twtrace = root.join("target/release/twtrace");
     let scratch = root.join("target/bench");
@@ -142,7 +180,7 @@ pub fn run(
                 Purpose::BpfCost => "cost",
             };
             eprint!("bench: [{done}/{total}] round {} ({what}) {:<30}", round + 1, config.name());
-            let mut sample = measure(config, &ns, &twtrace, &scratch, seconds)
+            let mut sample = measure(config, &ns, &twtrace, &scratch, seconds, placement)
                 .with_context(|| format!("measuring {}", config.name()))?;
             sample.round = round;
             sample.purpose = purpose;
@@ -151,9 +189,12 @@ pub fn run(
         }
     }
     let report = Report::new(&samples);
-    println!("{}", report.table(seconds, rounds));
-    std::fs::write(json_out, serde_json::to_string_pretty(&report.json(seconds, rounds))?)
-        .with_context(|| format!("failed to write {}", json_out.display()))?;
+    println!("{}", report.table(seconds, rounds, placement));
+    std::fs::write(
+        json_out,
+        serde_json::to_string_pretty(&report.json(seconds, rounds, placement))?,
+    )
+    .with_context(|| format!("failed to write {}", json_out.display()))?;
     eprintln!("bench: results written to {}", json_out.display());
     Ok(())
 }
@@ -172,10 +213,14 @@ impl Netns {
         Ok(ns)
     }
 
-    fn storm(&self, seconds: f64) -> anyhow::Result<(u64, f64)> {
+    fn storm(&self, seconds: f64, placement: Placement) -> anyhow::Result<(u64, f64)> {
         let me = std::env::current_exe().context("cannot find the xtask executable")?;
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]);
+        if placement == Placement::Pinned {
+            cmd.args(["taskset", "--cpu-list", "0"]);
+        }
+        let out = cmd
             .arg(me)
             .args(["storm", "--seconds", &seconds.to_string()])
             .output()
@@ -400,27 +445,28 @@ fn measure(
     twtrace: &Path,
     scratch: &Path,
     seconds: f64,
+    placement: Placement,
 ) -> anyhow::Result<Sample> {
     let recording = scratch.join("bench.twtrace");
     let tool = match config {
         Config::Untraced => None,
         Config::TwtraceTrace => {
-            let mut cmd = Command::new(twtrace);
+            let mut cmd = placement.command(twtrace);
             cmd.args(["trace", "--json"]);
             Some(Tool::start(cmd, Ready::Line(|l| l.starts_with("twtrace: tracing")))?)
         }
         Config::TwtraceWakeEach => {
-            let mut cmd = Command::new(twtrace);
+            let mut cmd = placement.command(twtrace);
             cmd.args(["trace", "--json", "--wakeup-bytes", "0"]);
             Some(Tool::start(cmd, Ready::Line(|l| l.starts_with("twtrace: tracing")))?)
         }
         Config::TwtraceTpBtf => {
-            let mut cmd = Command::new(twtrace);
+            let mut cmd = placement.command(twtrace);
             cmd.args(["trace", "--json", "--state-hooks", "tp-btf"]);
             Some(Tool::start(cmd, Ready::Line(|l| l.starts_with("twtrace: tracing")))?)
         }
         Config::TwtraceRecord | Config::TwtraceRecordNice0 => {
-            let mut cmd = Command::new(twtrace);
+            let mut cmd = placement.command(twtrace);
             cmd.args(["record", "-o"]).arg(&recording);
             if config == Config::TwtraceRecordNice0 {
                 cmd.args(["--nice", "0"]);
@@ -428,12 +474,12 @@ fn measure(
             Some(Tool::start(cmd, Ready::Line(|l| l.starts_with("twtrace: tracing")))?)
         }
         Config::Tcpstates => {
-            let mut cmd = Command::new("tcpstates");
+            let mut cmd = placement.command("tcpstates");
             cmd.arg("-T");
             Some(Tool::start(cmd, Ready::Programs)?)
         }
         Config::Bpftrace => {
-            let mut cmd = Command::new("bpftrace");
+            let mut cmd = placement.command("bpftrace");
             cmd.args([
                 "-e",
                 "tracepoint:sock:inet_sock_set_state { printf(\"%llu %d %s %d %d %d %d\\n\", nsecs, pid, comm, \
@@ -443,7 +489,7 @@ fn measure(
         }
     };
     let cpu_before = tool.as_ref().and_then(|t| cpu_seconds(t.pid()));
-    let (connections, elapsed) = ns.storm(seconds)?;
+    let (connections, elapsed) = ns.storm(seconds, placement)?;
     let mut sample =
         Sample { conn_per_s: connections as f64 / elapsed, connections, ..Sample::default() };
     let Some(tool) = tool else {
@@ -524,6 +570,9 @@ struct Row {
     /// the same round.
     ratio: f64,
     ratio_range: (f64, f64),
+    /// The median over the rate rounds of the time the tool added to each connection
+    /// (1/rate - 1/untraced rate of the same round), in µs.
+    added_us_per_connection: Option<f64>,
     ns_per_run: Option<f64>,
     bpf_ns_per_connection: Option<f64>,
     delivered_ratio: Option<f64>,
@@ -563,6 +612,14 @@ impl Report {
                     .flatten()
                     .filter_map(|s| Some(rate(s)? / untraced_by_round.get(&s.round)?))
                     .collect();
+                let added_us: Vec<f64> = samples
+                    .get(&config)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| {
+                        Some((1.0 / rate(s)? - 1.0 / untraced_by_round.get(&s.round)?) * 1e6)
+                    })
+                    .collect();
                 let ratio_range =
                     ratios.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &r| {
                         (lo.min(r), hi.max(r))
@@ -572,6 +629,7 @@ impl Report {
                     conn_per_s: med(config, &rate).unwrap_or(f64::NAN),
                     ratio: median(ratios).unwrap_or(f64::NAN),
                     ratio_range,
+                    added_us_per_connection: median(added_us),
                     ns_per_run: med(config, &|s| s.ns_per_run),
                     bpf_ns_per_connection: med(config, &|s| s.bpf_ns_per_connection),
                     delivered_ratio: med(config, &|s| {
@@ -595,25 +653,27 @@ impl Report {
         Self { rows }
     }
 
-    fn table(&self, seconds: f64, rounds: usize) -> String {
+    fn table(&self, seconds: f64, rounds: usize, placement: Placement) -> String {
         let opt = |v: Option<f64>, prec: usize| {
             v.map(|v| format!("{v:.prec$}")).unwrap_or_else(|| "-".into())
         };
         let mut out = format!(
-            "Loopback connect/close storm in a private netns, {seconds} s x {rounds} rounds (rates \
-             from the rounds without BPF statistics, BPF costs from the others), medians; \
-             vs untraced: median (lowest-highest) of the rounds' ratios.\n\n\
-             | tool | conn/s | vs untraced | ns per BPF run | BPF ns per conn | delivered / expected | lost | skipped runs | user CPU ms per M events | CPU % of a core | bytes/event |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+            "Loopback connect/close storm in a private netns ({placement}), {seconds} s x {rounds} \
+             rounds (rates from the rounds without BPF statistics, BPF costs from the others), \
+             medians; vs untraced: median (lowest-highest) of the rounds' ratios.\n\n\
+             | tool | conn/s | vs untraced | µs added per conn | ns per BPF run | BPF ns per conn | delivered / expected | lost | skipped runs | user CPU ms per M events | CPU % of a core | bytes/event |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            placement = placement.name(),
         );
         for r in &self.rows {
             out.push_str(&format!(
-                "| {} | {:.0} | {:.3} ({:.3}-{:.3}) | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {:.0} | {:.3} ({:.3}-{:.3}) | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 r.config.name(),
                 r.conn_per_s,
                 r.ratio,
                 r.ratio_range.0,
                 r.ratio_range.1,
+                opt(r.added_us_per_connection.filter(|_| r.config != Config::Untraced), 2),
                 opt(r.ns_per_run, 0),
                 opt(r.bpf_ns_per_connection, 0),
                 opt(r.delivered_ratio, 3),
@@ -627,8 +687,9 @@ impl Report {
         out
     }
 
-    fn json(&self, seconds: f64, rounds: usize) -> serde_json::Value {
+    fn json(&self, seconds: f64, rounds: usize, placement: Placement) -> serde_json::Value {
         json!({
+            "placement": placement.name(),
             "seconds_per_run": seconds,
             "rounds": rounds,
             "events_per_connection": EVENTS_PER_CONNECTION,
@@ -638,6 +699,7 @@ impl Report {
                 "ratio_to_untraced": r.ratio,
                 "ratio_to_untraced_lowest": r.ratio_range.0,
                 "ratio_to_untraced_highest": r.ratio_range.1,
+                "added_us_per_connection": r.added_us_per_connection,
                 "ns_per_bpf_run": r.ns_per_run,
                 "bpf_ns_per_connection": r.bpf_ns_per_connection,
                 "delivered_ratio": r.delivered_ratio,
@@ -688,6 +750,9 @@ mod tests {
         assert_eq!(row.ratio_range, (0.9, 0.95));
         assert_eq!(row.conn_per_s, 140.0);
         assert_eq!(row.ns_per_run, Some(250.0));
+        // µs per connection: (1/90 - 1/100) and (1/190 - 1/200) seconds, their median.
+        let added = (1e6 / 90.0 - 1e6 / 100.0 + 1e6 / 190.0 - 1e6 / 200.0) / 2.0;
+        assert!((row.added_us_per_connection.unwrap() - added).abs() < 1e-6);
         let untraced = report.rows.iter().find(|r| r.config == Config::Untraced).unwrap();
         assert_eq!(untraced.ratio, 1.0);
     }

@@ -59,6 +59,11 @@ enum Task {
         /// cost (`kernel.bpf_stats_enabled` on), so at least 2.
         #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(2..=100))]
         rounds: u64,
+        /// Pin the storm to CPU 0 and each tool to CPU 1: the storm is then CPU-bound, and
+        /// "µs added per conn" is the kernel-side work a tool does on the storm's path,
+        /// without the vCPUs' wakeup effects (the default placement is the scheduler's).
+        #[arg(long)]
+        pin: bool,
         /// Where to write the results as JSON.
         #[arg(long, default_value = "target/bench/results.json")]
         json: PathBuf,
@@ -147,10 +152,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("deploy/check.sh failed ({status})");
             }
         }
-        Task::Bench { seconds, rounds, json } => {
+        Task::Bench { seconds, rounds, pin, json } => {
             let env = setup::run(&root)?;
             std::fs::create_dir_all(root.join("target/bench"))?;
-            bench::run(&root, &env, seconds, rounds as usize, &root.join(json))?;
+            let placement = if pin { bench::Placement::Pinned } else { bench::Placement::Free };
+            bench::run(&root, &env, seconds, rounds as usize, placement, &root.join(json))?;
         }
         Task::Storm { seconds } => storm::run(seconds)?,
         Task::VmTest { kernel, timeout, args } => {

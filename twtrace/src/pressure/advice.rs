@@ -118,30 +118,18 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
-    use crate::pressure::view::{DestinationKey, ProcessShare};
+    use crate::pressure::view::ProcessShare;
 
     fn view(daddr: IpAddr, conn_per_sec: f64, headroom: f64) -> DestinationView {
         DestinationView {
-            key: DestinationKey {
-                netns: 1,
-                saddr: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
-                daddr,
-                dport: 5432,
-            },
             time_wait: 20000,
             live: 10,
-            range_size: Some(28232),
             headroom: Some(headroom),
             conn_per_sec,
             time_wait_per_sec: conn_per_sec,
-            time_wait_entered: 0,
-            time_wait_expired: 0,
-            time_wait_reused: 0,
-            time_wait_killed: 0,
-            failures: 0,
-            eaddrnotavail: 0,
             processes: vec![ProcessShare { pid: 7, comm: "app".into(), connections: 9 }],
             forecast: Forecast::Exhausts { seconds: 38.0, steady_state_share: 1.09 },
+            ..DestinationView::example(daddr, 5432)
         }
     }
 

@@ -104,16 +104,17 @@ struct OpenSocket {
     key: DestinationKey,
 }
 
-/// A socket as a kernel snapshot lists it (see `kernel_view`).
+/// A TCP socket as a kernel snapshot lists it (sock_diag, see `kernel_view`; recordings
+/// keep them too).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SnapshotSocket {
     pub saddr: IpAddr,
     pub sport: u16,
     pub daddr: IpAddr,
     pub dport: u16,
-    /// Kernel TCP state number.
+    /// Kernel TCP state number: 1 ESTABLISHED ... 6 TIME_WAIT, 10 LISTEN.
     pub state: u8,
-    /// TIME_WAIT: time left, in ms.
+    /// TIME_WAIT only: milliseconds left (`idiag_expires`).
     pub expires_ms: Option<u32>,
 }
 

@@ -4,7 +4,6 @@
 use std::{
     collections::BTreeMap,
     fs,
-    net::IpAddr,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
 };
@@ -20,30 +19,17 @@ use netlink_packet_sock_diag::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
-use crate::{
-    event::Family,
-    pressure::view::{NetnsContext, TcpExt},
+use crate::pressure::{
+    aggregator::SnapshotSocket,
+    view::{NetnsContext, TcpExt},
 };
-
-/// A TCP socket as sock_diag reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SocketSnapshot {
-    pub family: Family,
-    pub saddr: IpAddr,
-    pub sport: u16,
-    pub daddr: IpAddr,
-    pub dport: u16,
-    /// Kernel TCP state number: 1 ESTABLISHED ... 6 TIME_WAIT, 10 LISTEN.
-    pub state: u8,
-    /// TIME_WAIT only: milliseconds left (`idiag_expires`).
-    pub expires_ms: Option<u32>,
-}
 
 /// One namespace as the kernel sees it now.
 #[derive(Clone, Debug)]
 pub struct NetnsView {
     pub context: NetnsContext,
-    pub sockets: Vec<SocketSnapshot>,
+    /// Every TCP socket, as sock_diag reports it.
+    pub sockets: Vec<SnapshotSocket>,
 }
 
 const OWN_NETNS: &str = "/proc/self/ns/net";
@@ -289,7 +275,7 @@ impl SockDiag {
 
     /// Dumps every TCP socket of one address family, reading the multipart reply until
     /// NLMSG_DONE.
-    fn dump_tcp(&mut self, family: u8) -> anyhow::Result<Vec<SocketSnapshot>> {
+    fn dump_tcp(&mut self, family: u8) -> anyhow::Result<Vec<SnapshotSocket>> {
         let name = if family == AF_INET { "IPv4" } else { "IPv6" };
         self.sequence += 1;
         let mut header = NetlinkHeader::default();
@@ -372,16 +358,13 @@ impl SockDiag {
 }
 
 /// The snapshot of one sock_diag response; `message` is its raw bytes.
-fn snapshot(response: &InetResponse, message: &[u8]) -> Option<SocketSnapshot> {
+fn snapshot(response: &InetResponse, message: &[u8]) -> Option<SnapshotSocket> {
     let header = &response.header;
-    let family = match header.family {
-        AF_INET => Family::Ipv4,
-        AF_INET6 => Family::Ipv6,
-        _ => return None,
-    };
+    if header.family != AF_INET && header.family != AF_INET6 {
+        return None;
+    }
     let id = &header.socket_id;
-    Some(SocketSnapshot {
-        family,
+    Some(SnapshotSocket {
         saddr: id.source_address,
         sport: id.source_port,
         daddr: id.destination_address,

@@ -9,7 +9,7 @@ pub mod report;
 pub mod screen;
 pub mod view;
 
-use aggregator::{NetnsSnapshot, SnapshotSocket};
+use aggregator::NetnsSnapshot;
 use twtrace_common::tcp::TCP_LISTEN;
 
 /// Reads every network namespace twtrace can enter (or only those in `only`): settings,
@@ -37,14 +37,7 @@ pub fn snapshots(only: &[u32]) -> Vec<NetnsSnapshot> {
                     .filter(|s| {
                         s.state == TCP_LISTEN || (s.dport != 0 && !listening.contains(&s.sport))
                     })
-                    .map(|s| SnapshotSocket {
-                        saddr: s.saddr,
-                        sport: s.sport,
-                        daddr: s.daddr,
-                        dport: s.dport,
-                        state: s.state,
-                        expires_ms: s.expires_ms,
-                    })
+                    .copied()
                     .collect();
                 out.push(NetnsSnapshot { ts_ns, context: view.context, sockets });
             }

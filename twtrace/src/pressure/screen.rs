@@ -780,12 +780,12 @@ fn map_key(key: KeyEvent) -> Option<Key> {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::net::Ipv6Addr;
 
     use ratatui::backend::TestBackend;
 
     use super::*;
-    use crate::pressure::view::{DestinationKey, ProcessShare, TcpExt};
+    use crate::pressure::view::{ProcessShare, TcpExt};
 
     fn row(
         daddr: [u8; 4],
@@ -793,28 +793,14 @@ mod tests {
         headroom: Option<f64>,
         conn_per_sec: f64,
     ) -> DestinationView {
-        DestinationView {
-            key: DestinationKey {
-                netns: 4026531840,
-                saddr: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
-                daddr: IpAddr::V4(daddr.into()),
-                dport,
-            },
-            time_wait: 0,
-            live: 0,
+        let mut view = DestinationView {
             range_size: headroom.map(|_| 28232),
             headroom,
             conn_per_sec,
-            time_wait_per_sec: 0.0,
-            time_wait_entered: 0,
-            time_wait_expired: 0,
-            time_wait_reused: 0,
-            time_wait_killed: 0,
-            failures: 0,
-            eaddrnotavail: 0,
-            processes: Vec::new(),
-            forecast: Forecast::Unknown,
-        }
+            ..DestinationView::example(IpAddr::V4(daddr.into()), dport)
+        };
+        view.key.netns = 4026531840;
+        view
     }
 
     fn ports(rows: &[DestinationView]) -> Vec<u16> {

@@ -88,6 +88,36 @@ impl DestinationView {
     }
 }
 
+#[cfg(test)]
+impl DestinationView {
+    /// A quiet destination for tests to fill in: from 10.0.0.1 in namespace 1, nothing in
+    /// TIME_WAIT, the default port range, no forecast.
+    pub fn example(daddr: IpAddr, dport: u16) -> Self {
+        Self {
+            key: DestinationKey {
+                netns: 1,
+                saddr: IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1)),
+                daddr,
+                dport,
+            },
+            time_wait: 0,
+            live: 0,
+            range_size: Some(28232),
+            headroom: None,
+            conn_per_sec: 0.0,
+            time_wait_per_sec: 0.0,
+            time_wait_entered: 0,
+            time_wait_expired: 0,
+            time_wait_reused: 0,
+            time_wait_killed: 0,
+            failures: 0,
+            eaddrnotavail: 0,
+            processes: Vec::new(),
+            forecast: Forecast::Unknown,
+        }
+    }
+}
+
 /// Where a destination is heading at its current rate.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 #[serde(tag = "outlook", rename_all = "snake_case")]

@@ -606,20 +606,15 @@ impl Report {
             .map(|&config| {
                 // Paired: each round's rate against the untraced rate of that round, so
                 // drift between rounds cancels out.
-                let ratios: Vec<f64> = samples
+                let paired: Vec<(f64, f64)> = samples
                     .get(&config)
                     .into_iter()
                     .flatten()
-                    .filter_map(|s| Some(rate(s)? / untraced_by_round.get(&s.round)?))
+                    .filter_map(|s| Some((rate(s)?, *untraced_by_round.get(&s.round)?)))
                     .collect();
-                let added_us: Vec<f64> = samples
-                    .get(&config)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|s| {
-                        Some((1.0 / rate(s)? - 1.0 / untraced_by_round.get(&s.round)?) * 1e6)
-                    })
-                    .collect();
+                let ratios: Vec<f64> = paired.iter().map(|(r, base)| r / base).collect();
+                let added_us =
+                    paired.iter().map(|(r, base)| (1.0 / r - 1.0 / base) * 1e6).collect();
                 let ratio_range =
                     ratios.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &r| {
                         (lo.min(r), hi.max(r))

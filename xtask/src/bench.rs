@@ -27,6 +27,12 @@ const EVENTS_PER_CONNECTION: u64 = 10;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Config {
     Untraced,
+    /// Programs that return at once, on the tracepoints twtrace hooks: what the kernel's
+    /// tracepoint machinery alone costs, the floor under any tracer of these events.
+    EmptyHooks,
+    /// The same, on raw tracepoints, the cheapest attachment this kernel allows, with one
+    /// `sys_exit` hook for all system calls in place of the per-call syscall tracepoints.
+    EmptyRawHooks,
     TwtraceTrace,
     /// twtrace with a ring-buffer wakeup per event, as other tracers do: the baseline for
     /// twtrace's batched wakeups.
@@ -43,8 +49,10 @@ enum Config {
 }
 
 impl Config {
-    const ALL: [Config; 8] = [
+    const ALL: [Config; 10] = [
         Config::Untraced,
+        Config::EmptyHooks,
+        Config::EmptyRawHooks,
         Config::TwtraceTrace,
         Config::TwtraceWakeEach,
         Config::TwtraceTpBtf,
@@ -57,6 +65,8 @@ impl Config {
     fn name(self) -> &'static str {
         match self {
             Config::Untraced => "untraced",
+            Config::EmptyHooks => "floor: empty programs on twtrace's tracepoints",
+            Config::EmptyRawHooks => "floor: the same as raw tracepoints, one sys_exit",
             Config::TwtraceTrace => "twtrace trace --json",
             Config::TwtraceWakeEach => "twtrace trace --json --wakeup-bytes 0",
             Config::TwtraceTpBtf => "twtrace trace --json --state-hooks tp-btf",
@@ -478,6 +488,12 @@ fn measure(
             cmd.arg("-T");
             Some(Tool::start(cmd, Ready::Programs)?)
         }
+        Config::EmptyHooks | Config::EmptyRawHooks => {
+            let me = std::env::current_exe().context("cannot find the xtask executable")?;
+            let mut cmd = placement.command(me);
+            cmd.arg("empty-hooks").args(empty_hooks(config == Config::EmptyRawHooks));
+            Some(Tool::start(cmd, Ready::Line(|l| l.starts_with("empty-hooks: attached")))?)
+        }
         Config::Bpftrace => {
             let mut cmd = placement.command("bpftrace");
             cmd.args([
@@ -536,10 +552,30 @@ fn measure(
                 .sum();
             sample.lost = Some(lost);
         }
-        Config::Untraced => {}
+        // Nothing delivered: the floor only counts what the tracepoints cost.
+        Config::Untraced | Config::EmptyHooks | Config::EmptyRawHooks => {}
     }
     let _ = std::fs::remove_file(&recording);
     Ok(sample)
+}
+
+/// The hooks of a floor: twtrace's classic tracepoints (its raw `inet_sk_error_report`
+/// hook never runs in the storm, so it is left out), or the same on raw tracepoints, with
+/// one `sys_exit` hook, which sees every system call, for the six syscall tracepoints.
+fn empty_hooks(raw: bool) -> Vec<String> {
+    if raw {
+        return ["raw:inet_sock_set_state", "raw:tcp_receive_reset", "raw:sys_exit"]
+            .map(str::to_owned)
+            .to_vec();
+    }
+    let mut hooks =
+        vec!["tp:sock:inet_sock_set_state".to_owned(), "tp:tcp:tcp_receive_reset".to_owned()];
+    for call in ["connect", "bind", "getsockopt"] {
+        for phase in ["enter", "exit"] {
+            hooks.push(format!("tp:syscalls:sys_{phase}_{call}"));
+        }
+    }
+    hooks
 }
 
 fn word_before(text: &str, key: &str) -> Option<f64> {

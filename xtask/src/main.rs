@@ -2,6 +2,7 @@
 //! toolchain, build, run the tracer, run the tests (here and in QEMU), benchmark.
 
 mod bench;
+mod empty_hooks;
 mod setup;
 mod storm;
 mod vm;
@@ -74,6 +75,16 @@ enum Task {
         #[arg(long)]
         seconds: f64,
     },
+    /// Times connect() calls that fail at once (EBADF): what a hook adds to one call.
+    #[command(hide = true)]
+    ConnectLoop {
+        #[arg(long, default_value_t = 3_000_000)]
+        calls: u64,
+    },
+    /// The benchmark's floors: empty programs on the named hooks (`tp:CATEGORY:NAME`,
+    /// `raw:NAME`), held until killed.
+    #[command(hide = true)]
+    EmptyHooks { hooks: Vec<String> },
     /// Run the root integration tests inside Debian kernels booted under QEMU (TCG), one
     /// kernel at a time, e.g. `vm-test --kernel 6.1 -- connect::`.
     VmTest {
@@ -159,6 +170,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             bench::run(&root, &env, seconds, rounds as usize, placement, &root.join(json))?;
         }
         Task::Storm { seconds } => storm::run(seconds)?,
+        Task::ConnectLoop { calls } => storm::connect_loop(calls)?,
+        Task::EmptyHooks { hooks } => empty_hooks::run(&hooks)?,
         Task::VmTest { kernel, timeout, args } => {
             let env = setup::run(&root)?;
             vm::run(&root, &env, &kernel, std::time::Duration::from_secs(timeout), &args)?;

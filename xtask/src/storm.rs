@@ -2,7 +2,7 @@
 //! accepts and closes at once (the server closes first, as HTTP servers do, so TIME_WAIT
 //! builds up on the server side and the client's port search stays cheap); the client
 //! connects, reads to EOF and closes, as fast as it can until the deadline.
-//! Prints `connections N failures F seconds S`.
+//! Prints `connections N failures F seconds S`. Also `connect-loop`, a per-call microbenchmark.
 
 use std::{
     io::Read as _,
@@ -45,5 +45,30 @@ pub fn run(seconds: f64) -> anyhow::Result<()> {
         "connections {connections} failures {failures} seconds {:.3}",
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// `connect-loop`: `calls` connect() calls on an invalid descriptor (each fails at once
+/// with EBADF), timed: what a hook on connect() adds to one call, without any TCP work.
+/// Prints `ns_per_call N`.
+pub fn connect_loop(calls: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(calls > 0, "connect-loop: give a positive number of calls");
+    // SAFETY: an all-zero sockaddr_in is valid; the family and port are set below.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    addr.sin_family = libc::AF_INET as libc::sa_family_t;
+    addr.sin_port = 80u16.to_be();
+    let started = Instant::now();
+    for _ in 0..calls {
+        // SAFETY: `addr` is a live sockaddr_in of the size passed; descriptor -1 makes the
+        // kernel fail the call before it touches anything.
+        unsafe {
+            libc::connect(
+                -1,
+                std::ptr::from_ref(&addr).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+    }
+    println!("ns_per_call {:.1}", started.elapsed().as_nanos() as f64 / calls as f64);
     Ok(())
 }

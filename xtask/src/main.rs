@@ -78,13 +78,18 @@ enum Task {
     /// Times connect() calls that fail at once (EBADF): what a hook adds to one call.
     #[command(hide = true)]
     ConnectLoop {
+        /// How many calls to time.
         #[arg(long, default_value_t = 3_000_000)]
         calls: u64,
     },
     /// The benchmark's floors: empty programs on the named hooks (`tp:CATEGORY:NAME`,
     /// `raw:NAME`), held until killed.
     #[command(hide = true)]
-    EmptyHooks { hooks: Vec<String> },
+    EmptyHooks {
+        /// Hooks to attach, e.g. `tp:sock:inet_sock_set_state raw:sys_exit`.
+        #[arg(required = true)]
+        hooks: Vec<String>,
+    },
     /// Run the root integration tests inside Debian kernels booted under QEMU (TCG), one
     /// kernel at a time, e.g. `vm-test --kernel 6.1 -- connect::`.
     VmTest {

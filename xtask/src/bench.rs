@@ -224,7 +224,7 @@ impl Netns {
     }
 
     fn storm(&self, seconds: f64, placement: Placement) -> anyhow::Result<(u64, f64)> {
-        let me = std::env::current_exe().context("cannot find the xtask executable")?;
+        let me = xtask_executable()?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name]);
         if placement == Placement::Pinned {
@@ -489,7 +489,7 @@ fn measure(
             Some(Tool::start(cmd, Ready::Programs)?)
         }
         Config::EmptyHooks | Config::EmptyRawHooks => {
-            let me = std::env::current_exe().context("cannot find the xtask executable")?;
+            let me = xtask_executable()?;
             let mut cmd = placement.command(me);
             cmd.arg("empty-hooks").args(empty_hooks(config == Config::EmptyRawHooks));
             Some(Tool::start(cmd, Ready::Line(|l| l.starts_with("empty-hooks: attached")))?)
@@ -576,6 +576,11 @@ fn empty_hooks(raw: bool) -> Vec<String> {
         }
     }
     hooks
+}
+
+/// This program: the storm and the floors are its own hidden subcommands.
+fn xtask_executable() -> anyhow::Result<std::path::PathBuf> {
+    std::env::current_exe().context("cannot find the xtask executable")
 }
 
 fn word_before(text: &str, key: &str) -> Option<f64> {

@@ -8,7 +8,7 @@
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, bail};
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
@@ -65,7 +65,6 @@ fn parse(spec: &str) -> anyhow::Result<Hook<'_>> {
 /// Loads and attaches one empty program per hook, says so on stderr, then waits to be
 /// killed (the kernel detaches the programs when the process's descriptors close).
 pub fn run(specs: &[String]) -> anyhow::Result<()> {
-    ensure!(!specs.is_empty(), "name at least one hook, e.g. raw:sys_exit");
     let mut held = Vec::new();
     for spec in specs {
         held.extend(match parse(spec)? {

@@ -101,8 +101,19 @@ impl Hooks {
     }
 }
 
+/// What [`run_scenario`] saw.
+struct Scenario {
+    stdout: Vec<u8>,
+    server_pid: u32,
+    client_pid: u32,
+    port: u16,
+    /// State-hook runs the kernel skipped and twtrace reported (see [`skipped_runs`]).
+    skipped: usize,
+}
+
 /// Runs `count` connections between a server and a client process in `ns`, traced with
-/// `args` and the state hook `hooks`; returns the events and the two processes' pids.
+/// `args` and the state hook `hooks`. Events may be lost only as runs the kernel skipped
+/// and twtrace reported, a few at most.
 fn run_scenario(
     ns: &Netns,
     ip: IpAddr,
@@ -110,7 +121,7 @@ fn run_scenario(
     count: usize,
     hooks: Hooks,
     args: &[&str],
-) -> (Vec<u8>, u32, u32, u16) {
+) -> Scenario {
     let inode = ns.inode().to_string();
     let mut all_args = vec!["--netns", inode.as_str()];
     all_args.extend_from_slice(args);
@@ -127,14 +138,35 @@ fn run_scenario(
     let out = tracer.stop();
     assert!(out.status.success(), "twtrace failed: {}", String::from_utf8_lossy(&out.stderr));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(" 0 lost"), "events were lost: {stderr}");
+    let skipped = skipped_runs(&stderr);
+    assert!(
+        summary_lost(&stderr) == skipped && skipped <= MAX_SKIPPED_RUNS,
+        "events were lost other than as a few runs the kernel skipped: {stderr}"
+    );
     hooks.check_start_line(&stderr);
-    (out.stdout, server_pid, client_pid, port)
+    Scenario { stdout: out.stdout, server_pid, client_pid, port, skipped }
+}
+
+/// How many state-hook runs a scenario tolerates the kernel skipping. It skips a run when
+/// a softirq transition lands while the same program runs on that CPU; seen twice in 50
+/// events once, in the 6.12 guest under TCG's slow emulation, with `tp_btf`.
+const MAX_SKIPPED_RUNS: usize = 3;
+
+/// Runs of twtrace's programs the kernel skipped, as twtrace warned of them (kernels that
+/// count them: 6.7 and later).
+fn skipped_runs(stderr: &str) -> usize {
+    stderr
+        .lines()
+        .filter(|l| l.contains(" x program runs skipped by the kernel"))
+        .filter_map(|l| {
+            l.strip_prefix("twtrace: warning: ")?.split(' ').next()?.parse::<usize>().ok()
+        })
+        .sum()
 }
 
 fn time_wait_scenario(ip: IpAddr, closer: Closer, hooks: Hooks) {
     let ns = Netns::new();
-    let (stdout, server_pid, client_pid, port) =
+    let Scenario { stdout, server_pid, client_pid, port, skipped } =
         run_scenario(&ns, ip, closer, CONNECTIONS, hooks, &["--json"]);
     let events = json_lines(&stdout);
     let family = if ip.is_ipv4() { "ipv4" } else { "ipv6" };
@@ -158,6 +190,7 @@ fn time_wait_scenario(ip: IpAddr, closer: Closer, hooks: Hooks) {
         .collect();
     assert_per_connection(
         time_waits.len(),
+        skipped,
         &format!("time_wait events; the closing transitions were: {closings:#?}"),
     );
     for e in &time_waits {
@@ -183,26 +216,28 @@ fn time_wait_scenario(ip: IpAddr, closer: Closer, hooks: Hooks) {
         .filter(|e| e["old_state"] == "CLOSE" && e["new_state"] == "SYN_SENT")
         .inspect(|e| assert_eq!(e["pid"], client_pid, "{e}"))
         .count();
-    assert_per_connection(connects, "connects");
+    assert_per_connection(connects, skipped, "connects");
     // ...and the server's half, handled in softirq context before the server acted on
     // it, is attributed to the listener's process, never to the client that was running.
     let passive_close = if closer == Closer::Client { "CLOSE_WAIT" } else { "FIN_WAIT2" };
     let server_side: Vec<&Value> =
         events.iter().filter(|e| e["sport"] == port && e["new_state"] == passive_close).collect();
-    assert_per_connection(server_side.len(), &format!("{server_side:#?}"));
+    assert_per_connection(server_side.len(), skipped, &format!("{server_side:#?}"));
     for e in server_side {
         assert_eq!(e["pid"], server_pid, "server-side transition misattributed: {e}");
     }
 }
 
-/// Checks that `seen` events came for [`CONNECTIONS`] connections: all of them, or on kernels
-/// before 6.7 one fewer: those skip the state hook without counting it when it fires
-/// inside another BPF program on the same CPU (a softirq run on an interrupt's exit), and
-/// when that takes a connection's last transitions nothing shows, not even a gap. Seen
-/// once in the 6.1 guest: one connection's FIN_WAIT1 -> FIN_WAIT2 and -> TIME_WAIT
-/// missing, with 5 TIME_WAIT sockets in the kernel and "0 lost".
-fn assert_per_connection(seen: usize, what: &str) {
-    let allowed = if support::kernel_counts_skipped_runs() { 0 } else { 1 };
+/// Checks that `seen` events came for [`CONNECTIONS`] connections: all of them, less at most
+/// one per run the kernel skipped and twtrace reported (`skipped`). Kernels before 6.7 skip
+/// the state hook without counting it when it fires inside another BPF program on the same
+/// CPU (a softirq run on an interrupt's exit), and when that takes a connection's last
+/// transitions nothing shows, not even a gap: there one more may be missing. Seen once in
+/// the 6.1 guest: one connection's FIN_WAIT1 -> FIN_WAIT2 and -> TIME_WAIT missing, with
+/// 5 TIME_WAIT sockets in the kernel and "0 lost".
+fn assert_per_connection(seen: usize, skipped: usize, what: &str) {
+    let unreported = if support::kernel_counts_skipped_runs() { 0 } else { 1 };
+    let allowed = skipped + unreported;
     assert!(seen <= CONNECTIONS && seen + allowed >= CONNECTIONS, "{seen} of {CONNECTIONS} {what}");
 }
 
@@ -459,7 +494,7 @@ fn summary_lost(stderr: &str) -> usize {
 fn state_filter_time_wait() {
     let ns = Netns::new();
     let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let (stdout, _, client_pid, _) = run_scenario(
+    let Scenario { stdout, client_pid, skipped, .. } = run_scenario(
         &ns,
         ip,
         Closer::Client,
@@ -468,7 +503,7 @@ fn state_filter_time_wait() {
         &["--json", "--state", "TIME_WAIT"],
     );
     let events = json_lines(&stdout);
-    assert_eq!(events.len(), 3, "{events:#?}");
+    assert!(events.len() <= 3 && events.len() + skipped >= 3, "{skipped} skipped: {events:#?}");
     for e in &events {
         assert_eq!(e["kind"], "time_wait", "{e}");
         assert_eq!(e["pid"], client_pid, "{e}");
@@ -478,14 +513,14 @@ fn state_filter_time_wait() {
 fn human_output_names_the_owner() {
     let ns = Netns::new();
     let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let (stdout, _, client_pid, port) =
+    let Scenario { stdout, client_pid, port, skipped, .. } =
         run_scenario(&ns, ip, Closer::Client, 2, Hooks::Default, &[]);
     let text = String::from_utf8(stdout).unwrap();
     let mut lines = text.lines();
     let header = lines.next().expect("no header");
     assert!(header.starts_with("TIME") && header.contains("TRANSITION"), "{header}");
     let tw: Vec<&str> = lines.filter(|l| l.contains("FIN_WAIT2 -> TIME_WAIT")).collect();
-    assert_eq!(tw.len(), 2, "{text}");
+    assert!(tw.len() <= 2 && tw.len() + skipped >= 2, "{skipped} skipped: {text}");
     for line in tw {
         let cols: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(cols[1], client_pid.to_string(), "{line}");

@@ -3,8 +3,9 @@
 //! Each CPU writes its own ring (no lock shared between CPUs on the hot path), and the state
 //! hook first gathers events in a per-CPU batch (`twtrace_common::staging`), so one
 //! socket's transitions, made on different CPUs, reach userspace by different ways and at
-//! different times. Before each read, the batches are flushed; events are then held back
-//! until nothing older can still come, and released sorted by time.
+//! different times. Before each read, the batches holding events old enough to be released
+//! are flushed; events are then held back until nothing older can still come, and
+//! released sorted by time.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
 
@@ -42,13 +43,22 @@ pub struct Batches {
 }
 
 impl Batches {
-    /// Flushes every CPU's batch that holds events; returns the timestamp of the oldest
-    /// event still held (by a CPU whose batch was in use at that instant), if any.
-    fn flush(&self) -> Option<u64> {
+    /// Flushes every CPU's batch that holds an event stamped at or before `due_ns`;
+    /// returns the timestamp of the oldest event still held by a batch whose flush was
+    /// due (its CPU was using it at that instant), if any.
+    ///
+    /// A flush runs on the batch's CPU (an interrupt there), so the reader leaves alone
+    /// the batches that would not hold anything back: [`EventRings::drain`] releases
+    /// nothing younger than [`HOLD_BACK_NS`] anyway. Under load the batches fill and
+    /// empty themselves many times between two reads, and no CPU is interrupted at all.
+    fn flush(&self, due_ns: u64) -> Option<u64> {
         let per_cpu = self.staging.get(&0, 0).ok()?;
         let mut oldest_held: Option<u64> = None;
         for (cpu, batch) in per_cpu.iter().enumerate() {
-            if batch.count == 0 {
+            if batch.oldest_ns().is_none_or(|oldest| oldest > due_ns) {
+                // Also when the copy raced with the batch's CPU: an event the batch held
+                // since before `due_ns` was either seen here or flushed to the ring,
+                // which is read after this.
                 continue;
             }
             let busy = match run_on_cpu(&self.flush_program, cpu as u32) {
@@ -164,9 +174,10 @@ impl EventRings {
         let now = Clock::monotonic_now_ns();
         // What a batch still holds goes out before anything newer; unless it has been held
         // for a second (then something is wrong with that batch: do not stall the rest).
-        let held = self.take_all().filter(|&ts| now.saturating_sub(ts) < STUCK_BATCH_NS);
-        let mark =
-            now.saturating_sub(HOLD_BACK_NS).min(held.map_or(u64::MAX, |ts| ts.saturating_sub(1)));
+        let release_up_to = now.saturating_sub(HOLD_BACK_NS);
+        let held =
+            self.take_all(release_up_to).filter(|&ts| now.saturating_sub(ts) < STUCK_BATCH_NS);
+        let mark = release_up_to.min(held.map_or(u64::MAX, |ts| ts.saturating_sub(1)));
         self.reorder.release(mark, handle)
     }
 
@@ -198,17 +209,18 @@ impl EventRings {
     /// flushes it within microseconds, or the next try does.
     fn take_all_settled(&mut self) {
         for _ in 0..3 {
-            if self.take_all().is_none() {
+            if self.take_all(u64::MAX).is_none() {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 
-    /// Flushes the batches, then moves every event out of the rings; returns the oldest
-    /// event a batch still holds.
-    fn take_all(&mut self) -> Option<u64> {
-        let held = self.batches.as_ref().and_then(Batches::flush);
+    /// Flushes the batches holding events stamped at or before `due_ns` (see
+    /// [`Batches::flush`]), then moves every event out of the rings; returns the oldest
+    /// event a batch still holds of those.
+    fn take_all(&mut self, due_ns: u64) -> Option<u64> {
+        let held = self.batches.as_ref().and_then(|batches| batches.flush(due_ns));
         for ring in &mut self.rings {
             while let Some(record) = ring.next() {
                 for event in split_events(&record) {

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use crate::{
     container::{CgroupResolver, WorkloadFilter},
-    event::{Call, Event, Failure, Family, StateChange},
+    event::{Call, Event, Failure, Family, Owner, StateChange},
 };
 
 #[derive(Clone, Debug, Default)]
@@ -71,27 +71,31 @@ impl Filter {
 
     fn matches_failure(&self, f: &Failure) -> bool {
         let pid = f.owner.map(|o| o.pid);
-        let comm = f.owner.as_ref().map(|o| o.comm());
         let connect = f.call == Call::Connect;
         self.family.is_none_or(|fam| fam == f.family)
             && any_or(&self.netns, |&n| n == f.netns)
             && any_or(&self.pids, |&p| pid == Some(p))
-            && any_or(&self.comms, |c| comm.as_deref() == Some(c.as_str()))
+            && any_or(&self.comms, |c| comm_is(f.owner.as_ref(), c))
             && any_or(&self.ports, |&p| p == f.sport || (connect && p == f.dport))
             && any_or(&self.daddrs, |&a| connect && same_addr(a, f.daddr))
     }
 
     fn matches_state(&self, s: &StateChange) -> bool {
         let pid = s.owner.map(|o| o.pid);
-        let comm = s.owner.as_ref().map(|o| o.comm());
         self.family.is_none_or(|f| f == s.family)
             && any_or(&self.netns, |&n| n == s.netns)
             && any_or(&self.pids, |&p| pid == Some(p))
-            && any_or(&self.comms, |c| comm.as_deref() == Some(c.as_str()))
+            && any_or(&self.comms, |c| comm_is(s.owner.as_ref(), c))
             && any_or(&self.ports, |&p| p == s.sport || p == s.dport)
             && any_or(&self.daddrs, |&a| same_addr(a, s.daddr))
             && any_or(&self.states, |&st| st == s.new_state)
     }
+}
+
+/// Whether the owner's command name is `comm` (compared as bytes: the kernel's name need
+/// not be UTF-8, and no filter needs it decoded).
+fn comm_is(owner: Option<&Owner>, comm: &str) -> bool {
+    owner.is_some_and(|o| o.comm_bytes() == comm.as_bytes())
 }
 
 #[cfg(test)]

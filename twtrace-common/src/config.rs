@@ -4,6 +4,19 @@
 //! writes them into the programs' read-only globals before loading, so nothing about a
 //! particular kernel's layout is compiled into the eBPF object.
 
+/// How much of its work the state hook does, for the benchmark's lower bounds only (the
+/// hidden `--bench-cut` option): what a tracer of these events costs when it returns at
+/// once, and when it delivers every event but attributes none. The verifier drops the
+/// branches for the other values, so the default costs nothing.
+pub mod state_hook_cut {
+    /// The whole hook (the default).
+    pub const NONE: u32 = 0;
+    /// Return at entry: no event.
+    pub const AT_ENTRY: u32 = 1;
+    /// Send every event, without owners, time in state, namespace or connect tracking.
+    pub const NO_OWNERS: u32 = 2;
+}
+
 /// How many bytes of the `sock:inet_sock_set_state` record the program copies at once;
 /// every field must end within it (the record is 72 bytes from Linux 5.6 to 6.18).
 pub const RECORD_BYTES: usize = 96;

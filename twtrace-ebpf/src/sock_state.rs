@@ -16,7 +16,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    EbpfContext,
+    EbpfContext, Global,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
@@ -28,7 +28,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use twtrace_common::{
     Attribution, EventKind, FailureEvent, FailureSource, SockStateEvent, SocketEntry, Task,
-    config::{RECORD_BYTES, SockStateLayout},
+    config::{RECORD_BYTES, SockStateLayout, state_hook_cut},
     counters,
     tcp::{self, AF_INET, AF_INET6, IPPROTO_TCP},
 };
@@ -44,9 +44,22 @@ use crate::{
     staging::send_state_event,
 };
 
+/// A `state_hook_cut` value, set by userspace (the benchmark's lower bounds only).
+#[unsafe(no_mangle)]
+static STATE_HOOK_CUT: Global<u32> = Global::new(state_hook_cut::NONE);
+
+/// Whether the hook is to return at entry (see [`STATE_HOOK_CUT`]).
+#[inline(always)]
+fn cut_at_entry() -> bool {
+    STATE_HOOK_CUT.load() == state_hook_cut::AT_ENTRY
+}
+
 /// The classic tracepoint on kernels with the usual record layout (Linux 5.6+).
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    if cut_at_entry() {
+        return 0;
+    }
     transition_in_usual_record(&ctx);
     0
 }
@@ -55,6 +68,9 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 /// from the format file.
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state_any_layout(ctx: TracePointContext) -> u32 {
+    if cut_at_entry() {
+        return 0;
+    }
     if transition_in_any_record(&ctx).is_err() {
         count(counters::READ_FAILED);
     }
@@ -65,6 +81,9 @@ pub fn inet_sock_set_state_any_layout(ctx: TracePointContext) -> u32 {
 /// is read from the socket at the offsets userspace found in BTF.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
+    if cut_at_entry() {
+        return 0;
+    }
     if try_inet_sock_set_state_btf(&ctx).is_err() {
         count(counters::READ_FAILED);
     }
@@ -239,10 +258,16 @@ fn transition_in_any_record(ctx: &TracePointContext) -> Result<(), i32> {
 fn handle_transition<C: EbpfContext>(ctx: &C, t: &Transition, table: &impl SocketTable) {
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let (task, attribution, prev_state_ns, reset_seen, netns) = track_socket(ctx, t, table, now);
-    if t.old == tcp::TCP_SYN_SENT || t.new == tcp::TCP_SYN_SENT {
-        track_connect(t, &task, attribution, netns);
-    }
+    let (task, attribution, prev_state_ns, reset_seen, netns) =
+        if STATE_HOOK_CUT.load() == state_hook_cut::NO_OWNERS {
+            (Task::default(), Attribution::Unknown, 0, false, 0)
+        } else {
+            let tracked = track_socket(ctx, t, table, now);
+            if t.old == tcp::TCP_SYN_SENT || t.new == tcp::TCP_SYN_SENT {
+                track_connect(t, &tracked.0, tracked.1, tracked.4);
+            }
+            tracked
+        };
 
     let kind = if tcp::close_enters_time_wait(t.old, t.new) && !reset_seen {
         EventKind::TimeWait

@@ -477,6 +477,10 @@ pub struct KernelArgs {
     #[arg(long, value_name = "N", default_value_t = priority::DEFAULT_NICE,
           allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
     pub nice: i32,
+
+    /// For the benchmark's lower bounds only (hidden): the state hook skips its work.
+    #[arg(long, value_name = "CUT", value_enum, hide = true)]
+    pub bench_cut: Option<loader::BenchCut>,
 }
 
 impl KernelArgs {
@@ -488,6 +492,7 @@ impl KernelArgs {
             port_search_hooks: self.port_search_hooks,
             state_hooks: self.state_hooks,
             wakeup_bytes: self.wakeup_bytes,
+            bench_cut: self.bench_cut,
             // aya-log levels: 1 error, 2 warn, 3 info, 4 debug, 5 trace.
             kernel_log_level: 2 + verbose.min(3),
         }

@@ -13,6 +13,7 @@ use aya::{
 use twtrace_common::{
     config::{
         KernelLayout, MAX_EVENT_RINGS, RECORD_BYTES, ResetLayout, SockStateLayout, SyscallLayout,
+        state_hook_cut,
     },
     counters,
 };
@@ -44,6 +45,30 @@ pub struct Options {
     pub state_hooks: StateHooks,
     /// Ring-buffer bytes before a wakeup; `None` for the default.
     pub wakeup_bytes: Option<u32>,
+    /// How much of its work the state hook skips (the benchmark's lower bounds only).
+    pub bench_cut: Option<BenchCut>,
+}
+
+/// Work the state hook skips, for the benchmark's lower bounds (`xtask bench`): never
+/// for real use, since the events then lack what makes them worth having.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchCut {
+    /// Return at entry: hooks attached, no state events.
+    Entry,
+    /// Deliver every state event, without owners, time in state, namespace or connect
+    /// tracking: what delivering the events costs alone.
+    NoOwners,
+}
+
+impl BenchCut {
+    /// The kernel side's `state_hook_cut` value for `cut`.
+    fn kernel_value(cut: Option<Self>) -> u32 {
+        match cut {
+            None => state_hook_cut::NONE,
+            Some(Self::Entry) => state_hook_cut::AT_ENTRY,
+            Some(Self::NoOwners) => state_hook_cut::NO_OWNERS,
+        }
+    }
 }
 
 /// Ways to hook the kernel's local-port search.
@@ -144,6 +169,7 @@ impl Tracer {
             .override_global("WAKEUP_BYTES", &wakeup.min(rings.bytes_each / 2), true)
             .override_global("BATCH_EVENTS", &u32::from(batch), true)
             .override_global("EVENT_RING_COUNT", &rings.count, true)
+            .override_global("STATE_HOOK_CUT", &BenchCut::kernel_value(opts.bench_cut), true)
             .map_max_entries("SOCKETS", if tp_btf { 1 } else { opts.max_sockets })
             .load(EBPF_OBJECT)
             .context("failed to load the eBPF programs into the kernel")?;

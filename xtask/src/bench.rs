@@ -44,12 +44,18 @@ enum Config {
     /// `record` competing for the CPU on equal terms with the storm (twtrace's default
     /// nice value lets the traced threads run first).
     TwtraceRecordNice0,
+    /// Lower bound: `record` with its state hook returning at entry. The connect() hooks,
+    /// the reader and the hooks' dispatch, without any state event.
+    TwtraceRecordCutAtEntry,
+    /// Lower bound: `record` delivering every state event but attributing none (no owner
+    /// table, no connect tracking): what delivering the events alone costs.
+    TwtraceRecordNoOwners,
     Tcpstates,
     Bpftrace,
 }
 
 impl Config {
-    const ALL: [Config; 10] = [
+    const ALL: [Config; 12] = [
         Config::Untraced,
         Config::EmptyHooks,
         Config::EmptyRawHooks,
@@ -58,6 +64,8 @@ impl Config {
         Config::TwtraceTpBtf,
         Config::TwtraceRecord,
         Config::TwtraceRecordNice0,
+        Config::TwtraceRecordCutAtEntry,
+        Config::TwtraceRecordNoOwners,
         Config::Tcpstates,
         Config::Bpftrace,
     ];
@@ -72,6 +80,8 @@ impl Config {
             Config::TwtraceTpBtf => "twtrace trace --json --state-hooks tp-btf",
             Config::TwtraceRecord => "twtrace record",
             Config::TwtraceRecordNice0 => "twtrace record --nice 0",
+            Config::TwtraceRecordCutAtEntry => "bound: record, state hook returns at entry",
+            Config::TwtraceRecordNoOwners => "bound: record, events without owners",
             Config::Tcpstates => "tcpstates (libbpf-tools)",
             Config::Bpftrace => "bpftrace printf",
         }
@@ -475,12 +485,18 @@ fn measure(
             cmd.args(["trace", "--json", "--state-hooks", "tp-btf"]);
             Some(Tool::start(cmd, Ready::Line(|l| l.starts_with("twtrace: tracing")))?)
         }
-        Config::TwtraceRecord | Config::TwtraceRecordNice0 => {
+        Config::TwtraceRecord
+        | Config::TwtraceRecordNice0
+        | Config::TwtraceRecordCutAtEntry
+        | Config::TwtraceRecordNoOwners => {
             let mut cmd = placement.command(twtrace);
             cmd.args(["record", "-o"]).arg(&recording);
-            if config == Config::TwtraceRecordNice0 {
-                cmd.args(["--nice", "0"]);
-            }
+            match config {
+                Config::TwtraceRecordNice0 => cmd.args(["--nice", "0"]),
+                Config::TwtraceRecordCutAtEntry => cmd.args(["--bench-cut", "entry"]),
+                Config::TwtraceRecordNoOwners => cmd.args(["--bench-cut", "no-owners"]),
+                _ => &mut cmd,
+            };
             Some(Tool::start(cmd, Ready::Line(|l| l.starts_with("twtrace: tracing")))?)
         }
         Config::Tcpstates => {
@@ -527,12 +543,20 @@ fn measure(
         | Config::TwtraceWakeEach
         | Config::TwtraceTpBtf
         | Config::TwtraceRecord
-        | Config::TwtraceRecordNice0 => {
+        | Config::TwtraceRecordNice0
+        | Config::TwtraceRecordCutAtEntry
+        | Config::TwtraceRecordNoOwners => {
             // "twtrace: N events (…), M shown, L lost, …"
             let summary = stderr.lines().find(|l| l.contains(" events (")).unwrap_or_default();
             sample.delivered = summary.split_whitespace().nth(1).and_then(|w| w.parse().ok());
             sample.lost = word_before(summary, "lost").map(|v| v as u64);
-            if matches!(config, Config::TwtraceRecord | Config::TwtraceRecordNice0) {
+            if matches!(
+                config,
+                Config::TwtraceRecord
+                    | Config::TwtraceRecordNice0
+                    | Config::TwtraceRecordCutAtEntry
+                    | Config::TwtraceRecordNoOwners
+            ) {
                 let recorded =
                     stderr.lines().find(|l| l.contains("bytes/event")).unwrap_or_default();
                 sample.bytes_per_event = word_before(recorded, "bytes/event)");

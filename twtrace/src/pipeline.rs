@@ -181,7 +181,7 @@ impl Pipeline {
         let t = &self.tally;
         let gaps = match self.model.as_ref().map_or(0, Model::gaps) {
             0 => String::new(),
-            n => format!(", {n} gaps (transitions the kernel skipped without counting)"),
+            n => format!(", {n} gaps (sockets seen to miss a transition)"),
         };
         format!(
             "twtrace: {} events ({} time_wait, {} failures), {} shown, {} lost, {} undecodable{gaps}",

@@ -40,10 +40,11 @@ impl Model {
             && self.gaps.gaps() == 1
         {
             eprintln!(
-                "twtrace: warning: socket {:#x} went to {} without its transition to {}: the \
-                 kernel skipped a run of the state hook without counting it (kernels before \
-                 6.7 do, in a softirq nested in another BPF program; --state-hooks tp-btf \
-                 counts them); the summary counts such gaps",
+                "twtrace: warning: socket {:#x} went to {} without its transition to {}: \
+                 that event was lost (see the warnings on lost events), or the kernel skipped \
+                 a run of the state hook without counting it (kernels before 6.7 do, in a \
+                 softirq nested in another BPF program; --state-hooks tp-btf counts them); \
+                 the summary counts such gaps",
                 change.skaddr,
                 change.new_state_name(),
                 change.old_state_name(),

@@ -5,6 +5,7 @@
 
 // foldhash: randomly seeded like std's hasher, and much faster on these small keys.
 use foldhash::HashMap;
+use std::collections::hash_map::Entry;
 
 use twtrace_common::tcp::{TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV};
 
@@ -27,18 +28,30 @@ impl GapFinder {
         // life at this address: nothing to chain to.
         let new_life = change.old_state == TCP_CLOSE
             || (change.old_state == TCP_LISTEN && change.new_state == TCP_SYN_RECV);
-        let gap = !new_life
-            && self.last_state.get(&change.skaddr).is_some_and(|&last| last != change.old_state);
-        self.gaps += u64::from(gap);
         // A `time_wait` event stands for the kernel's move to CLOSE.
-        if change.new_state == TCP_CLOSE || change.time_wait {
-            self.last_state.remove(&change.skaddr);
-        } else {
-            if self.last_state.len() >= MAX_REMEMBERED {
-                self.last_state.clear();
-            }
-            self.last_state.insert(change.skaddr, change.new_state);
+        let closes = change.new_state == TCP_CLOSE || change.time_wait;
+        if !closes && self.last_state.len() >= MAX_REMEMBERED {
+            self.last_state.clear();
         }
+        // One hash probe per event: this runs for every event the reader handles.
+        let gap = match self.last_state.entry(change.skaddr) {
+            Entry::Occupied(mut known) => {
+                let gap = !new_life && *known.get() != change.old_state;
+                if closes {
+                    known.remove();
+                } else {
+                    known.insert(change.new_state);
+                }
+                gap
+            }
+            Entry::Vacant(slot) => {
+                if !closes {
+                    slot.insert(change.new_state);
+                }
+                false
+            }
+        };
+        self.gaps += u64::from(gap);
         gap
     }
 

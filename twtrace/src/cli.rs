@@ -442,9 +442,10 @@ pub struct KernelArgs {
     pub ring_buffer_size: u32,
 
     /// Bytes a CPU writes to its ring buffer before the kernel wakes twtrace (0: on every
-    /// event, as other tracers do). Default: an eighth of a CPU's ring buffer, at most
-    /// 256K; twtrace also drains every 50 ms, so events never wait much longer than that.
-    #[arg(long, value_name = "BYTES")]
+    /// event, as other tracers do), e.g. 64K; at most half a CPU's ring buffer. Default: an
+    /// eighth of a CPU's ring buffer, at most 256K; twtrace also drains every 50 ms, so
+    /// events never wait much longer than that.
+    #[arg(long, value_name = "BYTES", value_parser = parse_wakeup_bytes)]
     pub wakeup_bytes: Option<u32>,
 
     /// How many live sockets the kernel-side owner table can track (preallocated, ~100
@@ -508,7 +509,8 @@ fn parse_state(s: &str) -> Result<u8, String> {
     })
 }
 
-fn parse_ring_size(s: &str) -> Result<u32, String> {
+/// A byte count, plain or with a K, M or G suffix (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
     let (digits, unit) = match s.trim().to_ascii_uppercase() {
         t if t.ends_with('K') => (t[..t.len() - 1].to_owned(), 1u64 << 10),
         t if t.ends_with('M') => (t[..t.len() - 1].to_owned(), 1u64 << 20),
@@ -516,11 +518,23 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
         t => (t, 1),
     };
     let n: u64 = digits.parse().map_err(|_| format!("`{s}` is not a size like 512K, 4M or 1G"))?;
-    let bytes = n.saturating_mul(unit);
+    Ok(n.saturating_mul(unit))
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let bytes = parse_size(s)?;
     if !bytes.is_power_of_two() || !(4096..=(1 << 30)).contains(&bytes) {
         return Err(format!("ring buffer size must be a power of two from 4K to 1G, got `{s}`"));
     }
     Ok(bytes as u32)
+}
+
+fn parse_wakeup_bytes(s: &str) -> Result<u32, String> {
+    let bytes = parse_size(s)?;
+    u32::try_from(bytes)
+        .ok()
+        .filter(|&b| b <= 1 << 30)
+        .ok_or_else(|| format!("wakeup bytes must be at most 1G, got `{s}`"))
 }
 
 #[cfg(test)]
@@ -539,6 +553,11 @@ mod tests {
         assert_eq!(parse_ring_size("4M"), Ok(4 << 20));
         assert_eq!(parse_ring_size("512k"), Ok(512 << 10));
         assert_eq!(parse_ring_size("65536"), Ok(65536));
+        assert_eq!(parse_wakeup_bytes("1M"), Ok(1 << 20));
+        assert_eq!(parse_wakeup_bytes("0"), Ok(0));
+        assert_eq!(parse_wakeup_bytes("1000"), Ok(1000));
+        assert!(parse_wakeup_bytes("2G").is_err());
+        assert!(parse_wakeup_bytes("lots").is_err());
         assert!(parse_ring_size("3M").is_err());
         assert!(parse_ring_size("1K").is_err());
         assert!(parse_ring_size("lots").is_err());

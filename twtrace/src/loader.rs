@@ -154,6 +154,15 @@ impl Tracer {
         let tp_btf = opts.state_hooks == StateHooks::TpBtf;
         let rings = RingLayout::new(opts.ring_buffer_bytes, possible_cpus()?, page_size());
         let wakeup = opts.wakeup_bytes.unwrap_or_else(|| default_wakeup_bytes(rings.bytes_each));
+        // A threshold the ring cannot hold before it fills would never wake the reader.
+        if wakeup > rings.bytes_each / 2 {
+            log::warn!(
+                "--wakeup-bytes {wakeup} is more than half a CPU's ring buffer ({} bytes): using \
+                 {}; raise --ring-buffer-size for more",
+                rings.bytes_each,
+                rings.bytes_each / 2
+            );
+        }
         // Batches are flushed by running a program on a chosen CPU (Linux 5.10+), and
         // would delay the wakeup asked for each event.
         let batch = wakeup != 0

@@ -6,8 +6,9 @@
 
 /// How much of its work the state hook does, for the benchmark's lower bounds only (the
 /// hidden `--bench-cut` option): what a tracer of these events costs when it returns at
-/// once, and when it delivers every event but attributes none. The verifier drops the
-/// branches for the other values, so the default costs nothing.
+/// once, and when it delivers every event but attributes none. The value is a read-only
+/// global: the verifier knows it and drops the branches not taken, so the default costs
+/// a load and a jump per check.
 pub mod state_hook_cut {
     /// The whole hook (the default).
     pub const NONE: u32 = 0;

@@ -153,14 +153,14 @@ impl Tracer {
         // then left at one entry rather than --max-sockets preallocated ones.
         let tp_btf = opts.state_hooks == StateHooks::TpBtf;
         let rings = RingLayout::new(opts.ring_buffer_bytes, possible_cpus()?, page_size());
-        let wakeup = opts.wakeup_bytes.unwrap_or_else(|| default_wakeup_bytes(rings.bytes_each));
+        let asked = opts.wakeup_bytes.unwrap_or_else(|| default_wakeup_bytes(rings.bytes_each));
         // A threshold the ring cannot hold before it fills would never wake the reader.
-        if wakeup > rings.bytes_each / 2 {
+        let wakeup = asked.min(rings.bytes_each / 2);
+        if wakeup < asked {
             log::warn!(
-                "--wakeup-bytes {wakeup} is more than half a CPU's ring buffer ({} bytes): using \
-                 {}; raise --ring-buffer-size for more",
-                rings.bytes_each,
-                rings.bytes_each / 2
+                "--wakeup-bytes {asked} is more than half a CPU's ring buffer ({} bytes): using \
+                 {wakeup}; raise --ring-buffer-size for more",
+                rings.bytes_each
             );
         }
         // Batches are flushed by running a program on a chosen CPU (Linux 5.10+), and
@@ -175,7 +175,7 @@ impl Tracer {
             .override_global("GETSOCKOPT_LAYOUT", &getsockopt_layout.unwrap_or_default(), true)
             .override_global("KERNEL_LAYOUT", &kernel_layout, true)
             .override_global("AYA_LOG_LEVEL", &opts.kernel_log_level, false)
-            .override_global("WAKEUP_BYTES", &wakeup.min(rings.bytes_each / 2), true)
+            .override_global("WAKEUP_BYTES", &wakeup, true)
             .override_global("BATCH_EVENTS", &u32::from(batch), true)
             .override_global("EVENT_RING_COUNT", &rings.count, true)
             .override_global("STATE_HOOK_CUT", &BenchCut::kernel_value(opts.bench_cut), true)

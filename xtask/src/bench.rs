@@ -550,15 +550,8 @@ fn measure(
             let summary = stderr.lines().find(|l| l.contains(" events (")).unwrap_or_default();
             sample.delivered = summary.split_whitespace().nth(1).and_then(|w| w.parse().ok());
             sample.lost = word_before(summary, "lost").map(|v| v as u64);
-            if matches!(
-                config,
-                Config::TwtraceRecord
-                    | Config::TwtraceRecordNice0
-                    | Config::TwtraceRecordCutAtEntry
-                    | Config::TwtraceRecordNoOwners
-            ) {
-                let recorded =
-                    stderr.lines().find(|l| l.contains("bytes/event")).unwrap_or_default();
+            // Only `record` prints it: "twtrace: recorded N events to F (B bytes, X bytes/event)".
+            if let Some(recorded) = stderr.lines().find(|l| l.contains("bytes/event")) {
                 sample.bytes_per_event = word_before(recorded, "bytes/event)");
             }
         }

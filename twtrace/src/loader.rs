@@ -637,3 +637,28 @@ pub fn enable_run_statistics() -> anyhow::Result<std::os::fd::OwnedFd> {
     aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("failed to enable BPF run-time statistics (BPF_ENABLE_STATS, Linux 5.8+)")
 }
+
+#[cfg(test)]
+mod tests {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
+
+    /// The programs never call the byte-at-a-time `memset`/`memmove` the object carries:
+    /// LLVM writes those operations as loads and stores (twtrace-ebpf/build.rs says why;
+    /// the calls cost the state hook ~150 ns a run).
+    #[test]
+    fn programs_call_no_byte_loop_memset_or_memmove() {
+        let file = object::File::parse(super::EBPF_OBJECT)
+            .expect("the embedded eBPF object should be ELF (built without AYA_BUILD_SKIP)");
+        let mut calls = Vec::new();
+        for section in file.sections() {
+            for (offset, relocation) in section.relocations() {
+                let RelocationTarget::Symbol(index) = relocation.target() else { continue };
+                let name = file.symbol_by_index(index).and_then(|s| s.name()).unwrap_or_default();
+                if name == "memset" || name == "memmove" {
+                    calls.push(format!("{}+{offset:#x}: {name}", section.name().unwrap_or("?")));
+                }
+            }
+        }
+        assert!(calls.is_empty(), "calls to byte loops: {calls:?}");
+    }
+}
